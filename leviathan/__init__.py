@@ -1,0 +1,1 @@
+"""Leviathan: language models where cross-correlation replaces dot-product attention."""

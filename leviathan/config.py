@@ -1,0 +1,304 @@
+"""Typed run configuration: YAML -> dataclasses, validated before any work starts.
+
+Every error names the dotted key path and what was expected, so a typo in a YAML file or
+a command-line override fails in milliseconds instead of an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from leviathan.errors import ConfigError
+from leviathan.model.ffn import FFNS, DenseOptions
+from leviathan.model.mixers import MIXERS, DotOptions
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "configs/tiny.yaml"
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int | None = None  # None: taken from the tokenizer; set: must match it
+    block_size: int = 256  # the longest sequence the learned positions cover
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+    mixer: Any = field(default_factory=DotOptions)  # the options dataclass of MIXERS[kind]
+    ffn: Any = field(default_factory=DenseOptions)  # the options dataclass of FFNS[kind]
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 4096
+    model: str | None = None  # an existing SentencePiece model to reuse instead of training
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = field(default_factory=list)  # empty: the bundled Shakespeare corpus
+    dir: str = "data/shakespeare"
+    val_fraction: float = 0.05
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1337
+    seq_len: int = 256
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int = 1000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 100
+    eval_tokens: int = 65536  # val tokens scored at each periodic eval; 0 = the whole split
+    ckpt_interval: int = 250
+    keep_last: int = 2
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast; master weights stay fp32
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/tiny"
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = "leviathan"
+    sample_prompt: str = "ROMEO:"
+    sample_tokens: int = 200
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+REGISTRIES = {"model.mixer": MIXERS, "model.ffn": FFNS}
+
+
+class YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads `3e-4` as a float (YAML 1.1 wants `3.0e-4`)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply `a.b.c=value` overrides, parse and validate."""
+    raw = read_yaml(resolve_config_path(path or DEFAULT_CONFIG))
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    cfg = parse(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A path as given, else the copy shipped inside the package (for a pip-installed user)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / path.name
+    if path.parent.name == "configs" and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file not found: {path}")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `model.n_layer=4` in the raw mapping; the value is parsed as YAML (4, 1e-3, [a, b])."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.n_layer=4")
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            if isinstance(child, str) and ".".join(parents[: i + 1]) in REGISTRIES:
+                child = node[part] = {"kind": child}  # `ffn: moe` shorthand, then ffn.top_k=2
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = yaml.load(text, Loader=YamlLoader) if text else ""
+
+
+def parse(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    where = path or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = join(path, str(unknown[0]))
+        raise ConfigError(f"{key}: unknown key; expected one of {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        key = join(path, name)
+        values[name] = parse_registry_entry(key, value) if key in REGISTRIES else coerce(
+            hints[name], value, key
+        )
+    return cls(**values)
+
+
+def parse_registry_entry(key: str, value: Any) -> Any:
+    """`mixer: token_xcorr` or `mixer: {kind: token_xcorr, rank: 2}` -> that kind's options."""
+    registry = REGISTRIES[key]
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, dict) or "kind" not in value:
+        raise ConfigError(f"{key}: expected a kind name or a mapping with `kind`, got {value!r}")
+    kind = value["kind"]
+    if kind not in registry:
+        raise ConfigError(f"{key}.kind: unknown {kind!r}; expected one of {', '.join(registry)}")
+    return parse(registry[kind].Options, value, key)
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type hint; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            try:
+                return coerce(option, value, key)
+            except ConfigError:
+                continue
+        raise type_error(key, hint, value)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(repr(c) for c in typing.get_args(hint))
+            raise ConfigError(f"{key}: expected one of {choices}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise type_error(key, hint, value)
+        (item,) = typing.get_args(hint)
+        return [coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is not None:
+            raise type_error(key, hint, value)
+        return None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise type_error(key, hint, value)
+    return value
+
+
+def type_error(key: str, hint: Any, value: Any) -> ConfigError:
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    return ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def validate(cfg: Config) -> None:
+    """Semantic checks: shapes that cannot be built and values that cannot train."""
+    m, t, d = cfg.model, cfg.train, cfg.data
+    positive = {
+        "model.n_layer": m.n_layer,
+        "model.n_head": m.n_head,
+        "model.d_model": m.d_model,
+        "model.block_size": m.block_size,
+        "train.seq_len": t.seq_len,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.max_steps": t.max_steps,
+        "train.eval_interval": t.eval_interval,
+        "train.ckpt_interval": t.ckpt_interval,
+        "train.keep_last": t.keep_last,
+        "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    non_negative = {
+        "train.lr": t.lr,
+        "train.min_lr": t.min_lr,
+        "train.warmup_steps": t.warmup_steps,
+        "train.weight_decay": t.weight_decay,
+        "train.grad_clip": t.grad_clip,
+        "train.eval_tokens": t.eval_tokens,
+        "train.threads": t.threads,
+        "run.sample_tokens": cfg.run.sample_tokens,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if t.lr == 0:
+        raise ConfigError("train.lr: must be positive, got 0")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr: must be <= train.lr ({t.lr}), got {t.min_lr}")
+    for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}"
+        )
+    if t.seq_len > m.block_size:
+        raise ConfigError(
+            f"train.seq_len: {t.seq_len} is longer than the model's positions "
+            f"(model.block_size={m.block_size})"
+        )
+    if m.vocab_size is not None and m.vocab_size <= 0:
+        raise ConfigError(f"model.vocab_size: must be positive, got {m.vocab_size}")
+    MIXERS[m.mixer.kind].check(m.mixer, m.d_model, m.n_head)
+    FFNS[m.ffn.kind].check(m.ffn, m.d_model)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,190 @@
+"""Correlation attention as pure functions on per-head tensors (DESIGN.md section 2).
+
+Every function takes q, k, v of shape (B, H, T, d) and returns (B, H, T, d).
+
+Each kind has two paths that compute the same thing:
+
+- fast (``reference=False``): the lags are folded into the inputs (causal filtering of
+  q and k, or a circulant applied to k) and the rest is
+  ``F.scaled_dot_product_attention(..., is_causal=True)``, so the fused (flash)
+  kernels run and no T x T matrix is ever built;
+- reference (``reference=True``): the score matrix is materialised exactly as the
+  formula reads, masked, softmaxed and applied to v. Slow and obviously correct; the
+  tests hold the fast path to it.
+
+Positions before the start of the sequence are zero (x_t = 0 for t < 0), so the score
+of query i only ever involves q and k at positions <= i: causal by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "causal_lag_stack",
+    "lag_kernel",
+    "circulant_keys",
+    "dot_scores",
+    "token_xcorr_scores",
+    "channel_xcorr_scores",
+    "causal_softmax_attend",
+    "dot_attention",
+    "token_xcorr_attention",
+    "channel_xcorr_attention",
+]
+
+
+# --- building blocks ---------------------------------------------------------------
+
+
+def causal_lag_stack(x: Tensor, weights: Tensor) -> Tensor:
+    """Causally filter x along time with each of r filters and stack the results.
+
+    x: (B, H, T, d); weights: (H, r, W), filter ``weights[h, r, a]`` multiplies lag a.
+    Returns (B, H, T, r*d) whose r-th block of d channels is
+    ``y[..., i, :] = sum_a weights[h, r, a] * x[..., i - a, :]`` (x_t = 0 for t < 0).
+    A filter equal to e_0 returns x bit for bit (1*x + 0*... is exact).
+    """
+    n_head, rank, width = weights.shape
+    B, H, T, d = x.shape
+    if H != n_head:
+        raise ValueError(f"weights have {n_head} heads, x has {H}")
+    padded = F.pad(x, (0, 0, width - 1, 0)).unsqueeze(2)  # (B, H, 1, T+W-1, d)
+    y = sum(
+        weights[:, :, a, None, None] * padded[:, :, :, width - 1 - a : width - 1 - a + T]
+        for a in range(width)
+    )  # (B, H, r, T, d)
+    return y.transpose(2, 3).reshape(B, H, T, rank * d)
+
+
+def lag_kernel(f: Tensor, g: Tensor) -> Tensor:
+    """The per-head token-lag kernel w = sum_r f_r g_r^T: (H, r, Wq), (H, r, Wk) -> (H, Wq, Wk)."""
+    return torch.einsum("hra,hrb->hab", f, g)
+
+
+def circulant_keys(k: Tensor, alpha: Tensor) -> Tensor:
+    """K' = C k with C circulant: ``sum_tau alpha[h, tau + L] * k[..., (c + tau) mod d]``.
+
+    alpha: (H, 2L+1) for lags tau = -L..L. ``torch.roll(k, -tau)[c] == k[(c + tau) mod d]``.
+    """
+    lags = (alpha.shape[-1] - 1) // 2
+    return sum(
+        alpha[:, i, None, None] * torch.roll(k, shifts=-(i - lags), dims=-1)
+        for i in range(alpha.shape[-1])
+    )
+
+
+# --- materialised scores (reference path and test oracles) --------------------------
+# All return the full (B, H, T, T) pre-softmax matrix, scaled by 1/sqrt(d) and NOT
+# masked: entries j > i exist (they involve future keys) and the causal mask removes them.
+
+
+def dot_scores(q: Tensor, k: Tensor) -> Tensor:
+    """S_ij = <q_i, k_j> / sqrt(d), unmasked."""
+    return (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+
+
+def token_xcorr_scores(q: Tensor, k: Tensor, f: Tensor, g: Tensor) -> Tensor:
+    """S_ij = (1/sqrt d) sum_{a<Wq, b<Wk} w_ab <q_{i-a}, k_{j-b}>, unmasked.
+
+    That is the full 2-D convolution of S0 = q k^T with w = sum_r f_r g_r^T, cropped to
+    T x T (``scipy.signal.convolve2d(S0, w)[:T, :T]``): shifting S0 down by a rows and
+    right by b columns, with zeros shifted in, gives <q_{i-a}, k_{j-b}>.
+    """
+    w = lag_kernel(f, g)  # (H, Wq, Wk)
+    _, window_q, window_k = w.shape
+    T = q.shape[-2]
+    s0 = F.pad(q @ k.transpose(-2, -1), (window_k - 1, 0, window_q - 1, 0))
+    s = sum(
+        w[:, a, b, None, None]
+        * s0[..., window_q - 1 - a : window_q - 1 - a + T, window_k - 1 - b : window_k - 1 - b + T]
+        for a in range(window_q)
+        for b in range(window_k)
+    )
+    return s * q.shape[-1] ** -0.5
+
+
+def channel_xcorr_scores(q: Tensor, k: Tensor, alpha: Tensor) -> Tensor:
+    """S_ij = (1/sqrt d) sum_tau alpha_tau sum_c q_i[c] k_j[(c + tau) mod d], unmasked.
+
+    One materialised score matrix per lag tau, weighted and summed.
+    """
+    lags = (alpha.shape[-1] - 1) // 2
+    s = sum(
+        alpha[:, i, None, None] * (q @ torch.roll(k, shifts=-(i - lags), dims=-1).transpose(-2, -1))
+        for i in range(alpha.shape[-1])
+    )
+    return s * q.shape[-1] ** -0.5
+
+
+def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """Mask j > i with -inf, softmax over j, optional dropout on P, then P @ v."""
+    T = scores.shape[-1]
+    future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
+    p = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    if dropout_p > 0.0:
+        p = F.dropout(p, p=dropout_p)
+    return p @ v
+
+
+# --- attention ----------------------------------------------------------------------
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+
+def dot_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, reference: bool, dropout_p: float = 0.0
+) -> Tensor:
+    """Causal scaled dot-product attention: the baseline every other kind reduces to."""
+    if reference:
+        return causal_softmax_attend(dot_scores(q, k), v, dropout_p)
+    return _sdpa(q, k, v, q.shape[-1] ** -0.5, dropout_p)
+
+
+def token_xcorr_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    f: Tensor,
+    g: Tensor,
+    *,
+    reference: bool,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Token-lag correlation attention with kernel w = sum_r f_r g_r^T per head.
+
+    f: (H, r, Wq) query filters, g: (H, r, Wk) key filters.
+
+    Fast path: Q~ = [f_1 * q, ..., f_r * q] and K~ likewise (causal filters, r*d wide), so
+    <Q~_i, K~_j> = sum_ab w_ab <q_{i-a}, k_{j-b}> and SDPA does the rest. The scale stays
+    1/sqrt(d), not 1/sqrt(r*d). The fused CPU kernel wants equal q/k/v widths (else it
+    falls back to the math path: ~3x slower, ~3x the memory at T=4096), so V is
+    zero-padded to r*d and the output sliced back to d.
+    """
+    if f.shape[:2] != g.shape[:2]:
+        raise ValueError(f"f {tuple(f.shape)} and g {tuple(g.shape)} differ in heads or rank")
+    if reference:
+        return causal_softmax_attend(token_xcorr_scores(q, k, f, g), v, dropout_p)
+    d = q.shape[-1]
+    q_lags, k_lags = causal_lag_stack(q, f), causal_lag_stack(k, g)
+    width = q_lags.shape[-1]
+    if width == d:
+        return _sdpa(q_lags, k_lags, v, d**-0.5, dropout_p)
+    v_padded = F.pad(v, (0, width - d))
+    return _sdpa(q_lags, k_lags, v_padded, d**-0.5, dropout_p)[..., :d]
+
+
+def channel_xcorr_attention(
+    q: Tensor, k: Tensor, v: Tensor, alpha: Tensor, *, reference: bool, dropout_p: float = 0.0
+) -> Tensor:
+    """Channel-lag correlation attention: S_ij = <q_i, C k_j>/sqrt(d), C circulant from alpha.
+
+    alpha: (H, 2L+1), weights of lags tau = -L..L. Fast path: K' = C k, then SDPA.
+    """
+    if reference:
+        return causal_softmax_attend(channel_xcorr_scores(q, k, alpha), v, dropout_p)
+    return _sdpa(q, circulant_keys(k, alpha), v, q.shape[-1] ** -0.5, dropout_p)

@@ -1,0 +1,135 @@
+"""The Leviathan decoder: GPT-2 with a pluggable token mixer and FFN per block.
+
+Positions are learned absolute embeddings, not rotary: rotary embeddings rotate each
+channel pair of q and k by a position-dependent angle, so the channel axis would carry
+position and the channel-lag mixer would correlate rotated channel pairs of different
+frequencies. With learned positions q and k stay pure content signals, every mixer's
+score is exactly the lagged inner product DESIGN.md section 2 defines, and token_xcorr at
+its delta kernel is bit-for-bit the `dot` baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leviathan.model.ffn import FFNS
+from leviathan.model.mixers import MIXERS
+
+if TYPE_CHECKING:
+    from leviathan.config import ModelConfig
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mixer = MIXERS[cfg.mixer.kind](
+            cfg.d_model, cfg.n_head, cfg.mixer, dropout=cfg.dropout, bias=cfg.bias
+        )
+        self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.ffn = FFNS[cfg.ffn.kind](cfg.d_model, cfg.ffn, dropout=cfg.dropout, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class Leviathan(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied input and output embeddings
+        self.apply(init_weights)
+        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 L)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, V) and, given targets, the mean next-token cross-entropy."""
+        T = idx.shape[1]
+        if T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence of {T} tokens is longer than the model's positions "
+                f"(block_size={self.cfg.block_size})"
+            )
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
+
+    def set_reference(self, reference: bool) -> None:
+        """Switch every mixer to its materialised-score path (for tests) or back."""
+        for block in self.blocks:
+            block.mixer.reference = reference
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting the tied head once; optionally without the embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Forward FLOPs per token at `seq_len` (default block_size); training costs 3x."""
+        seq_len = seq_len or self.cfg.block_size
+        per_block = sum(
+            b.mixer.flops_per_token(seq_len) + b.ffn.flops_per_token() for b in self.blocks
+        )
+        return per_block + 2 * self.cfg.d_model * self.cfg.vocab_size
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `prompt` (B, T); temperature 0 is greedy."""
+        idx = prompt
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.cfg.block_size :])
+            logits = logits[:, -1, :]
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx
+
+
+def init_weights(module: nn.Module) -> None:
+    """GPT-2 init: N(0, 0.02) for linear and embedding weights, zero biases."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,77 @@
+"""A finished (or running) training run, loaded back for evaluation and sampling."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from leviathan.config import Config, config_from_dict
+from leviathan.data import Tokenizer, load_index, load_tokens
+from leviathan.errors import CheckpointError
+from leviathan.model import Leviathan
+from leviathan.train.checkpoint import latest_checkpoint, verify_checkpoint
+from leviathan.train.evaluate import EvalResult, evaluate
+
+
+@dataclass
+class Run:
+    dir: Path
+    config: Config
+    model: Leviathan
+    tokenizer: Tokenizer
+    step: int
+
+    def sample(
+        self,
+        prompt: str,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 200,
+        seed: int = 0,
+    ) -> str:
+        return sample_text(self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+
+    def evaluate(self, batch_size: int = 16) -> EvalResult:
+        """Loss and BPC on the whole validation split the run was trained against."""
+        index = load_index(self.config.data.dir)
+        val = index.splits["val"]
+        tokens = load_tokens(index.dir, "val")
+        seq_len = self.config.train.seq_len
+        return evaluate(self.model, tokens, seq_len, batch_size, val["tokens"] / val["characters"])
+
+
+def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
+    """Model weights from the latest (or a given) verified checkpoint of `run_dir`."""
+    run_dir = Path(run_dir)
+    directory = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if directory is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
+    manifest = verify_checkpoint(directory)
+    config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    model = Leviathan(config.model)
+    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
+    model.eval()
+    return Run(run_dir, config, model, tokenizer, manifest["step"])
+
+
+def sample_text(
+    model: Leviathan,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int = 0,
+) -> str:
+    """Decode a seeded continuation of `prompt`, the prompt included."""
+    device = next(model.parameters()).device
+    ids = [tokenizer.encode(prompt) or [tokenizer.eos_id]]
+    ids = torch.tensor(ids, dtype=torch.long, device=device)
+    model.eval()
+    generator = torch.Generator(device).manual_seed(seed)
+    out = model.generate(ids, max_new_tokens, temperature, top_k, generator=generator)
+    return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,198 @@
+"""The one training loop. It asks an engine to take steps; it never knows which engine.
+
+Every step's batch and learning rate are pure functions of (seed, step), and the torch
+RNG state travels in the checkpoint, so a resumed run takes exactly the steps the
+uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from leviathan.config import Config, save_config
+from leviathan.data import DataIndex, get_batch, load_tokens, prepare
+from leviathan.errors import CheckpointError, ConfigError
+from leviathan.model import Leviathan
+from leviathan.run import sample_text
+from leviathan.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
+from leviathan.train.device import resolve_device
+from leviathan.train.engine import Engine, TorchEngine
+from leviathan.train.evaluate import evaluate, unigram_bpc
+from leviathan.train.metrics import MetricsLog, WandbRun
+from leviathan.train.plots import plot_curves
+from leviathan.train.schedule import lr_at
+
+EVAL_BATCH = 16
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    val_loss: float
+    val_bpc: float
+    unigram_bpc: float
+    wall_s: float
+    tokens_per_s: float
+    sample: str
+
+
+def model_config_for(cfg: Config, index: DataIndex):
+    """The model config with the vocabulary the tokenizer actually has."""
+    if cfg.model.vocab_size is not None and cfg.model.vocab_size != index.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} differs from the tokenizer in "
+            f"{index.dir} ({index.vocab_size} pieces); remove the key or match it"
+        )
+    cfg.model.vocab_size = index.vocab_size
+    return cfg.model
+
+
+def build_engine(cfg: Config, model: Leviathan) -> Engine:
+    t = cfg.train
+    device = resolve_device(t.device)
+    return TorchEngine(model, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, device, t.precision)
+
+
+def train(cfg: Config, *, resume: bool = False, log=print) -> TrainSummary:
+    """Train `cfg` to `train.max_steps`, evaluating, checkpointing and logging on the way."""
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    index = prepare(cfg.data, log=log)
+    model_cfg = model_config_for(cfg, index)
+    torch.manual_seed(t.seed)
+    model = Leviathan(model_cfg)
+    engine = build_engine(cfg, model)
+
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    start_step = restore(engine, cfg, ckpt_root, log) if resume else 0
+    if not resume and latest_checkpoint(ckpt_root) is not None:
+        raise CheckpointError(
+            f"run.dir {run_dir} already holds checkpoints: pass --resume to continue it, "
+            "or choose another run.dir"
+        )
+    main = engine.rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        shutil.copyfile(index.tokenizer_path, run_dir / "tokenizer.model")
+        log(
+            f"model: {model.num_params():,} parameters, "
+            f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
+            f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}"
+        )
+
+    train_tokens = load_tokens(index.dir, "train")
+    val_tokens = load_tokens(index.dir, "val")
+    val_tokens_per_char = index.splits["val"]["tokens"] / index.splits["val"]["characters"]
+    global_batch = t.micro_batch_size * t.grad_accum * engine.world_size
+    tokens_per_step = global_batch * t.seq_len
+
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main else None
+    wandb_run = WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()) if main else None
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True)
+    started = time.perf_counter()
+    for step in range(start_step, t.max_steps):
+        tick = time.perf_counter()
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        x, y = get_batch(
+            train_tokens, t.seq_len, global_batch, t.seed, step, engine.rank, engine.world_size
+        )
+        micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size)))
+        result = engine.train_step(micro, lr)
+        if not math.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step + 1}; lower train.lr")
+        done = step + 1
+        record = {
+            "step": done,
+            "train_loss": result.loss,
+            "lr": lr,
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
+            "elapsed_s": time.perf_counter() - started,
+        }
+        if done % t.eval_interval == 0 or done == t.max_steps:
+            ev = evaluate(
+                model,
+                val_tokens,
+                t.seq_len,
+                EVAL_BATCH,
+                val_tokens_per_char,
+                max_tokens=t.eval_tokens or None,
+                precision=t.precision,
+            )
+            record.update(val_loss=ev.loss, val_bpc=ev.bpc)
+            bar.write(f"step {done}: train loss {result.loss:.4f}, val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}")
+        if main:
+            metrics.log(record)
+            wandb_run.log(record)
+            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+        if done % t.ckpt_interval == 0 or done == t.max_steps:
+            save_checkpoint(ckpt_root, done, lambda d: write_state(engine, cfg, done, d), t.keep_last)
+    bar.close()
+    wall = time.perf_counter() - started
+    steps_run = t.max_steps - start_step
+
+    final = evaluate(
+        model, val_tokens, t.seq_len, EVAL_BATCH, val_tokens_per_char, precision=t.precision
+    )
+    baseline = unigram_bpc(train_tokens, val_tokens, index.vocab_size, val_tokens_per_char)
+    sample = ""
+    if main:
+        sample = sample_text(model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed)
+        (run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        metrics.close()
+        wandb_run.log({"step": t.max_steps, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
+        wandb_run.finish()
+    summary = TrainSummary(
+        steps=t.max_steps,
+        val_loss=final.loss,
+        val_bpc=final.bpc,
+        unigram_bpc=baseline,
+        wall_s=wall,
+        tokens_per_s=steps_run * tokens_per_step / wall if steps_run else 0.0,
+        sample=sample,
+    )
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=1), encoding="utf-8")
+    return summary
+
+
+def write_state(engine: Engine, cfg: Config, step: int, directory: Path) -> None:
+    """Everything a resume needs: engine state, the loop's step and RNG, the config."""
+    engine.save(directory)
+    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, directory / "trainer.pt")
+    (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+
+
+def restore(engine: Engine, cfg: Config, ckpt_root: Path, log) -> int:
+    """Load the latest checkpoint into `engine`; return the step it was taken at."""
+    directory = latest_checkpoint(ckpt_root)
+    if directory is None:
+        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
+    verify_checkpoint(directory)
+    check_same_model(json.loads((directory / "config.json").read_text())["model"], cfg, directory)
+    engine.load(directory)
+    state = torch.load(directory / "trainer.pt", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    log(f"resumed from {directory} at step {state['step']}")
+    return state["step"]
+
+
+def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
+    current = cfg.to_dict()["model"]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {directory} is from a different model: " + "; ".join(diffs))
+

@@ -1,0 +1,74 @@
+"""Where a run's numbers go: metrics.jsonl (the record of truth) and W&B."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from leviathan.train.checkpoint import atomic_write_text
+
+
+class MetricsLog:
+    """Appends one JSON object per step; on resume, drops records past the resumed step
+    so a run that crashed after its last checkpoint never shows a step twice."""
+
+    def __init__(self, path: Path, resume_step: int = 0):
+        self.path = path
+        if resume_step and path.exists():
+            kept = [
+                line
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line and json.loads(line)["step"] <= resume_step
+            ]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        elif not resume_step:
+            path.write_text("", encoding="utf-8")
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """`auto` is online when an API key is configured, offline otherwise."""
+    if mode != "auto":
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class WandbRun:
+    """A W&B run resumed across restarts by an id kept in the run folder."""
+
+    def __init__(self, run_dir: Path, mode: str, project: str, config: dict[str, Any]):
+        self.mode = resolve_wandb_mode(mode)
+        self.run = None
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(wandb.util.generate_id(), encoding="utf-8")
+        self.run = wandb.init(
+            project=project,
+            dir=run_dir,
+            id=id_file.read_text(encoding="utf-8").strip(),
+            resume="allow",
+            mode=self.mode,
+            config=config,
+            name=run_dir.name,
+        )
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -1,0 +1,23 @@
+"""AdamW with weight decay on matrix weights only."""
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the weights of Linear layers; spare norms, biases, embeddings and lag kernels.
+
+    The tied output head is the token embedding, so it is spared too: decaying an
+    embedding shrinks rare tokens towards zero for no regularising benefit.
+    """
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+
+
+def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas)

@@ -1,0 +1,33 @@
+"""PNG curves of a run, drawn from its metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> None:
+    """Train/val loss against step, and val BPC against step."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"], r["val_bpc"]) for r in records if "val_loss" in r]
+    fig, (ax_loss, ax_bpc) = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        ax_loss.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
+    if val:
+        steps, losses, bpcs = zip(*val)
+        ax_loss.plot(steps, losses, "o-", label="val")
+        ax_bpc.plot(steps, bpcs, "o-", color="C1")
+    ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    ax_loss.legend()
+    ax_bpc.set(xlabel="step", ylabel="bits per character", title="val BPC")
+    for ax in (ax_loss, ax_bpc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

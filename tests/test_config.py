@@ -1,0 +1,94 @@
+"""Config: typed parsing, dotted overrides, and errors that name the key."""
+
+import pytest
+
+from leviathan.config import apply_override, config_from_dict, load_config
+from leviathan.errors import ConfigError
+from leviathan.model.mixers import TokenXcorrOptions
+
+
+def test_default_config_loads_and_is_token_xcorr():
+    cfg = load_config()
+    assert cfg.model.mixer.kind == "token_xcorr"
+    assert isinstance(cfg.model.mixer, TokenXcorrOptions)
+
+
+def test_tiny_dot_differs_from_tiny_only_in_mixer_and_run_dir():
+    tiny = load_config("configs/tiny.yaml").to_dict()
+    dot = load_config("configs/tiny-dot.yaml").to_dict()
+    assert dot["model"]["mixer"] == {"kind": "dot"}
+    for d in (tiny, dot):
+        d["model"].pop("mixer")
+        d["run"].pop("dir")
+    assert tiny == dot
+
+
+def test_small_config_is_about_125m_parameters():
+    from leviathan.model import Leviathan
+
+    cfg = load_config("configs/small.yaml")
+    cfg.model.vocab_size = cfg.data.tokenizer.vocab_size
+    n = Leviathan(cfg.model).num_params()
+    assert 115e6 < n < 135e6, n
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        "configs/tiny.yaml",
+        ["model.n_layer=2", "train.lr=3e-4", "model.mixer.rank=2", "data.inputs=[a.txt, b]"],
+    )
+    assert cfg.model.n_layer == 2
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.mixer.rank == 2
+    assert cfg.data.inputs == ["a.txt", "b"]
+
+
+def test_kind_shorthand_and_switching_kind_by_override():
+    cfg = load_config("configs/tiny.yaml", ["model.mixer=channel_xcorr"])
+    assert cfg.model.mixer.kind == "channel_xcorr"
+    raw = {"model": {"mixer": "token_xcorr"}}
+    apply_override(raw, "model.mixer.window_q=2")
+    assert config_from_dict(raw).model.mixer.window_q == 2
+
+
+def test_int_accepted_for_float_but_not_bool_for_int():
+    assert config_from_dict({"train": {"lr": 1}}).train.lr == 1.0
+    with pytest.raises(ConfigError, match=r"model\.n_layer: expected int, got bool"):
+        config_from_dict({"model": {"n_layer": True}})
+
+
+BAD = [
+    ({"model": {"n_layers": 4}}, r"model\.n_layers: unknown key; expected one of .*n_layer"),
+    ({"modle": {}}, r"modle: unknown key"),
+    ({"model": {"n_layer": "four"}}, r"model\.n_layer: expected int, got str 'four'"),
+    ({"model": {"d_model": 100, "n_head": 3}}, r"model\.d_model: 100 is not divisible by model\.n_head=3"),
+    ({"train": {"seq_len": 512}, "model": {"block_size": 256}}, r"train\.seq_len: 512 is longer .*block_size=256"),
+    ({"train": {"lr": -1e-3}}, r"train\.lr: must be >= 0, got -0\.001"),
+    ({"train": {"lr": 0}}, r"train\.lr: must be positive"),
+    ({"model": {"mixer": {"kind": "flash"}}}, r"model\.mixer\.kind: unknown 'flash'; expected one of dot"),
+    ({"model": {"mixer": {"kind": "token_xcorr", "rank": 9}}}, r"model\.mixer\.rank"),
+    ({"model": {"mixer": {"kind": "token_xcorr", "widow_q": 2}}}, r"model\.mixer\.widow_q: unknown key"),
+    ({"model": {"ffn": {"kind": "dense", "activation": "relu"}}}, r"model\.ffn\.activation: expected one of 'gelu', 'swiglu'"),
+    ({"data": {"tokenizer": {"kind": "wordpiece"}}}, r"data\.tokenizer\.kind"),
+    ({"data": {"val_fraction": 1.5}}, r"data\.val_fraction: must be in \(0, 1\)"),
+    ({"data": {"inputs": "corpus.txt"}}, r"data\.inputs: expected list"),
+    ({"train": {"min_lr": 1.0, "lr": 0.1}}, r"train\.min_lr: must be <= train\.lr"),
+    ({"model": {"dropout": 1.0}}, r"model\.dropout"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD)
+def test_bad_config_names_the_key(raw, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(raw)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config("configs/tiny.yaml", ["model.n_layer"])
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
