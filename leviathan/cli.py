@@ -11,7 +11,9 @@ from leviathan.errors import LeviathanError
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})"
+    )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.n_layer=4")
 
 
@@ -36,10 +38,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"run.wandb={args.wandb}")
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
-    summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
     print(f"\nsample:\n{summary.sample}\n")
     print(f"final val loss {summary.val_loss:.4f} nats/token")
-    print(f"final val BPC {summary.val_bpc:.4f} (unigram baseline of this tokenizer {summary.unigram_bpc:.4f})")
+    print(
+        f"final val BPC {summary.val_bpc:.4f} "
+        f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
+    )
     print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -48,7 +53,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     run = load_run(args.run, args.checkpoint)
     result = run.evaluate()
-    print(f"step {run.step}: val loss {result.loss:.4f} nats/token, val BPC {result.bpc:.4f} ({result.tokens:,} tokens)")
+    print(
+        f"step {run.step}: val loss {result.loss:.4f} nats/token, "
+        f"val BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -62,18 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leviathan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare", help="tokenise a corpus into shards (default: bundled Shakespeare)")
+    p = sub.add_parser(
+        "prepare", help="tokenise a corpus into shards (default: bundled Shakespeare)"
+    )
     add_config_args(p)
-    p.add_argument("--input", dest="inputs", action="append", help="file, folder, glob or .jsonl (repeatable)")
+    p.add_argument(
+        "--input", dest="inputs", action="append", help="file, folder, glob or .jsonl (repeatable)"
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (default: configs/tiny.yaml)")
     add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    p.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP")
     p.set_defaults(func=cmd_train)
 
-    for name, func, text in (("eval", cmd_eval, "val loss and BPC of a run"), ("sample", cmd_sample, "continue a prompt")):
+    for name, func, text in (
+        ("eval", cmd_eval, "val loss and BPC of a run"),
+        ("sample", cmd_sample, "continue a prompt"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")

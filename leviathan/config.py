@@ -159,7 +159,9 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             if isinstance(child, str) and ".".join(parents[: i + 1]) in REGISTRIES:
                 child = node[part] = {"kind": child}  # `ffn: moe` shorthand, then ffn.top_k=2
             else:
-                raise ConfigError(f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section")
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parents[: i + 1])} is not a section"
+                )
         node = child
     node[leaf] = yaml.load(text, Loader=YamlLoader) if text else ""
 
@@ -178,8 +180,10 @@ def parse(cls: type, raw: Any, path: str) -> Any:
     values = {}
     for name, value in raw.items():
         key = join(path, name)
-        values[name] = parse_registry_entry(key, value) if key in REGISTRIES else coerce(
-            hints[name], value, key
+        values[name] = (
+            parse_registry_entry(key, value)
+            if key in REGISTRIES
+            else coerce(hints[name], value, key)
         )
     return cls(**values)
 
@@ -286,9 +290,7 @@ def validate(cfg: Config) -> None:
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
     if m.d_model % m.n_head:
-        raise ConfigError(
-            f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}"
-        )
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
     if t.seq_len > m.block_size:
         raise ConfigError(
             f"train.seq_len: {t.seq_len} is longer than the model's positions "

@@ -32,7 +32,9 @@ class Run:
         top_k: int | None = 200,
         seed: int = 0,
     ) -> str:
-        return sample_text(self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+        return sample_text(
+            self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed
+        )
 
     def evaluate(self, batch_size: int = 16) -> EvalResult:
         """Loss and BPC on the whole validation split the run was trained against."""
@@ -40,7 +42,7 @@ class Run:
         val = index.splits["val"]
         tokens = load_tokens(index.dir, "val")
         seq_len = self.config.train.seq_len
-        return evaluate(self.model, tokens, seq_len, batch_size, val["tokens"] / val["characters"])
+        return evaluate(self.model, tokens, seq_len, batch_size, val["characters"])
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:

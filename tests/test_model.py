@@ -106,8 +106,12 @@ def test_sequence_longer_than_positions_is_refused():
 def test_generate_extends_and_is_seeded():
     model = tiny_model("token_xcorr")
     prompt = torch.randint(0, 61, (1, 5))
-    a = model.generate(prompt, 30, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
-    b = model.generate(prompt, 30, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3))
+    a = model.generate(
+        prompt, 30, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3)
+    )
+    b = model.generate(
+        prompt, 30, temperature=1.0, top_k=10, generator=torch.Generator().manual_seed(3)
+    )
     greedy = model.generate(prompt, 30, temperature=0)
     assert a.shape == (1, 35) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
     assert torch.equal(greedy, model.generate(prompt, 30, temperature=0))

@@ -36,6 +36,8 @@ def read_documents(inputs: Iterable[str | os.PathLike]) -> list[Document]:
     Raises DataError naming the culprit for a missing path, a glob matching nothing, a file
     that is not UTF-8 (with the byte offset), a bad JSONL line, or an empty corpus.
     """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
     inputs = [os.fspath(i) for i in inputs]
     if not inputs:
         raise DataError("data.inputs is empty: give at least one file, folder or glob")

@@ -27,9 +27,16 @@ import sentencepiece as spm
 from leviathan.errors import DataError
 
 KINDS = ("bpe", "unigram")
+TRAINER_VERSION = 1  # part of a dataset's fingerprint: bump when the training options change
 META = "\u2581"  # SentencePiece's whitespace symbol
 CHUNK_CHARS = 4096  # training sentences are at most this long (SentencePiece skips longer)
 MAX_SENTENCES = 200_000  # beyond this many chunks (~800 MB) the trainer samples, seeded
+# Unigram training sums over threads, so its result depends on their number: fixed here, the
+# same corpus gives the same model on every machine (BPE's is thread-independent anyway).
+TRAIN_THREADS = 4
+# Characters rarer than the last 0.01% of occurrences get no piece of their own (they are
+# written as UTF-8 bytes), so a large alphabet (CJK, say) does not eat a small vocabulary.
+CHARACTER_COVERAGE = 0.9999
 
 
 class Tokenizer:
@@ -73,12 +80,13 @@ class Tokenizer:
     ) -> Tokenizer:
         """Train a `kind` ("bpe" or "unigram") model of `vocab_size` pieces on `texts`.
 
-        Deterministic for given texts, kind, size and seed. Written to `path` (a `.model`
-        file) when given. DataError when SentencePiece cannot reach `vocab_size`.
+        Deterministic for given texts, kind, size, seed and `num_threads` (default
+        TRAIN_THREADS on every machine). Written to `path` (a `.model` file) when given.
+        DataError when SentencePiece cannot reach `vocab_size`.
         """
         if kind not in KINDS:
             raise DataError(f"tokenizer kind {kind!r} is not one of {', '.join(KINDS)}")
-        threads = num_threads or min(4, os.cpu_count() or 1)
+        threads = num_threads or TRAIN_THREADS
         spm.set_random_generator_seed(seed)
         out = io.BytesIO()
         try:
@@ -87,7 +95,7 @@ class Tokenizer:
                 model_writer=out,
                 model_type=kind,
                 vocab_size=vocab_size,
-                character_coverage=1.0,
+                character_coverage=CHARACTER_COVERAGE,
                 byte_fallback=True,
                 normalization_rule_name="identity",
                 remove_extra_whitespaces=False,
@@ -134,7 +142,7 @@ class Tokenizer:
         if plain:
             threads = num_threads or min(4, os.cpu_count() or 1)
             encoded = self._sp.encode([texts[i] for i in plain], num_threads=threads)
-            for i, ids in zip(plain, encoded):
+            for i, ids in zip(plain, encoded, strict=True):
                 out[i] = ids
         for i, t in enumerate(texts):
             if META in t:
@@ -150,7 +158,7 @@ class Tokenizer:
 
     @property
     def kind(self) -> str:
-        """"bpe" or "unigram" (or another SentencePiece model type), read from the model."""
+        """ "bpe" or "unigram" (or another SentencePiece model type), read from the model."""
         try:
             from sentencepiece import sentencepiece_model_pb2 as pb
         except ImportError:  # protobuf missing
@@ -175,10 +183,13 @@ def training_chunks(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[s
         while start < n:
             end = min(start + size, n)
             if end < n:
-                cut = text.rfind("\n", start + 1, end + 1)
-                if cut <= start:
-                    cut = text.rfind(" ", start + 1, end + 1)
-                end = cut if cut > start else end
+                for sep in "\n ":
+                    cut = text.rfind(sep, start + 1, end + 1)
+                    while cut > start + 1 and text[cut - 1] == sep:
+                        cut -= 1  # before the whole run, so no piece ends with `sep`
+                    if cut > start:
+                        end = cut
+                        break
             piece = text[start:end]
             if piece.strip():
                 yield piece
@@ -200,5 +211,7 @@ def _training_error(message: str, kind: str, vocab_size: int) -> str:
             f"needs at least {low.group(2)} pieces (256 bytes, specials and the corpus's "
             "characters); raise the vocab size"
         )
-    detail = message.split(")", 1)[-1].strip() if "INTERNAL" in message else message
+    if "sentences_.empty()" in message:
+        return f"cannot train the {kind} tokenizer: its training text is empty"
+    detail = message.rsplit("] ", 1)[-1].strip() or message
     return f"training the {kind} tokenizer (vocab_size {vocab_size}) failed: {detail}"

@@ -24,7 +24,9 @@ class DenseFFN(nn.Module):
 
     Options: ClassVar[type] = DenseOptions
 
-    def __init__(self, d_model: int, options: DenseOptions, dropout: float = 0.0, bias: bool = False):
+    def __init__(
+        self, d_model: int, options: DenseOptions, dropout: float = 0.0, bias: bool = False
+    ):
         super().__init__()
         self.options = options
         self.hidden = self.hidden_width(d_model, options)
@@ -51,7 +53,10 @@ class DenseFFN(nn.Module):
 
     def flops_per_token(self) -> int:
         """Forward FLOPs per token (2 per multiply-add) of the two matmuls."""
-        return 2 * (self.fc.in_features * self.fc.out_features + self.proj.in_features * self.proj.out_features)
+        return 2 * (
+            self.fc.in_features * self.fc.out_features
+            + self.proj.in_features * self.proj.out_features
+        )
 
     @classmethod
     def check(cls, options: DenseOptions, d_model: int) -> None:

@@ -39,15 +39,15 @@ class ChannelXcorrOptions:
     lags: int = 2  # L: channel lags -L..L
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None = None, why: str = "") -> None:
+def _check_int(
+    name: str, value: Any, low: int, high: int | None = None, high_text: str = ""
+) -> None:
     """Raise ConfigError unless low <= value (<= high), naming the key ``model.mixer.<name>``."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    ok = ok and value >= low and (high is None or value <= high)
-    if not ok:
-        bound = (
-            f"be between {low} and {why or high}" if high is not None else f"be an integer >= {low}"
-        )
-        raise ConfigError(f"{KEY}.{name}: must {bound}, got {value!r}")
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and value >= low and (high is None or value <= high):
+        return
+    expected = f"an integer >= {low}" if high is None else f"between {low} and {high_text or high}"
+    raise ConfigError(f"{KEY}.{name}: must be {expected}, got {value!r}")
 
 
 class Mixer(nn.Module):

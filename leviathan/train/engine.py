@@ -80,5 +80,9 @@ class TorchEngine:
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.model.load_state_dict(
+            torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
+        )
+        self.optimizer.load_state_dict(
+            torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        )

@@ -1,8 +1,9 @@
 """Validation loss and bits per character.
 
-BPC = total NLL in nats / (characters * ln 2). Scoring a whole split is exact up to its
-first token (which has no context); a periodic eval over a prefix of the split
-converts its mean NLL per token with the split's own tokens-per-character ratio.
+BPC = total NLL in nats / (characters * ln 2). A split's token stream starts with the
+document separator, so scoring the whole split predicts every text token exactly once
+and the BPC is exact. A periodic eval over a prefix of the split converts its mean NLL
+per token with the split's own tokens-per-character ratio: an estimate, labelled so.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class EvalResult:
     loss: float  # mean NLL per predicted token, nats
     bpc: float  # bits per character of the split's text
     tokens: int  # tokens scored
+    exact: bool  # the whole split was scored; otherwise BPC is extrapolated from a prefix
 
 
 @torch.no_grad()
@@ -32,11 +34,12 @@ def evaluate(
     tokens: np.ndarray,
     seq_len: int,
     batch_size: int,
-    tokens_per_char: float,
+    characters: int,
     max_tokens: int | None = None,
     precision: str = "fp32",
 ) -> EvalResult:
-    """Score contiguous windows of `tokens` (all of them, or the first `max_tokens`)."""
+    """Score contiguous windows of `tokens` (all of them, or the first `max_tokens`);
+    `characters` is the length of the split's text."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -48,15 +51,18 @@ def evaluate(
         nll += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum").item()
         count += y.numel()
     model.train(was_training)
-    loss = nll / count
-    return EvalResult(loss=loss, bpc=loss * tokens_per_char / math.log(2), tokens=count)
+    exact = count == len(tokens) - 1
+    if exact:
+        bpc = nll / (characters * math.log(2))
+    else:
+        bpc = nll / count * len(tokens) / (characters * math.log(2))
+    return EvalResult(loss=nll / count, bpc=bpc, tokens=count, exact=exact)
 
 
-def unigram_bpc(
-    train: np.ndarray, val: np.ndarray, vocab_size: int, tokens_per_char: float
-) -> float:
-    """BPC of a context-free model: val scored by add-one-smoothed train token frequencies."""
+def unigram_bpc(train: np.ndarray, val: np.ndarray, vocab_size: int, characters: int) -> float:
+    """BPC of a context-free model: val scored by add-one-smoothed train token frequencies
+    (every val token after the first, as the model is scored)."""
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size) + 1.0
     log_probs = np.log(counts / counts.sum())
-    nll = -log_probs[np.asarray(val, dtype=np.int64)].mean()
-    return float(nll * tokens_per_char / math.log(2))
+    nll = -log_probs[np.asarray(val[1:], dtype=np.int64)].sum()
+    return float(nll / (characters * math.log(2)))

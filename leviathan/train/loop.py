@@ -7,6 +7,7 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -61,8 +62,14 @@ def build_engine(cfg: Config, model: Leviathan) -> Engine:
     return TorchEngine(model, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, device, t.precision)
 
 
-def train(cfg: Config, *, resume: bool = False, log=print) -> TrainSummary:
-    """Train `cfg` to `train.max_steps`, evaluating, checkpointing and logging on the way."""
+def train(
+    cfg: Config, *, resume: bool = False, stop_at: int | None = None, log=print
+) -> TrainSummary:
+    """Train `cfg` to `train.max_steps`, evaluating, checkpointing and logging on the way.
+
+    `stop_at` ends the session early after that step, with a checkpoint, as a job with
+    a time slot would; `resume=True` later continues it as if it had never stopped.
+    """
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -93,21 +100,26 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> TrainSummary:
 
     train_tokens = load_tokens(index.dir, "train")
     val_tokens = load_tokens(index.dir, "val")
-    val_tokens_per_char = index.splits["val"]["tokens"] / index.splits["val"]["characters"]
+    val_chars = index.splits["val"]["characters"]
     global_batch = t.micro_batch_size * t.grad_accum * engine.world_size
     tokens_per_step = global_batch * t.seq_len
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main else None
-    wandb_run = WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()) if main else None
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True)
+    wandb_run = (
+        WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()) if main else None
+    )
+    bar = tqdm(
+        total=t.max_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True
+    )
     started = time.perf_counter()
-    for step in range(start_step, t.max_steps):
+    end_step = min(stop_at or t.max_steps, t.max_steps)
+    for step in range(start_step, end_step):
         tick = time.perf_counter()
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         x, y = get_batch(
             train_tokens, t.seq_len, global_batch, t.seed, step, engine.rank, engine.world_size
         )
-        micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size)))
+        micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
         result = engine.train_step(micro, lr)
         if not math.isfinite(result.loss):
             raise FloatingPointError(f"loss is {result.loss} at step {step + 1}; lower train.lr")
@@ -126,37 +138,43 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> TrainSummary:
                 val_tokens,
                 t.seq_len,
                 EVAL_BATCH,
-                val_tokens_per_char,
+                val_chars,
                 max_tokens=t.eval_tokens or None,
                 precision=t.precision,
             )
             record.update(val_loss=ev.loss, val_bpc=ev.bpc)
-            bar.write(f"step {done}: train loss {result.loss:.4f}, val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}")
+            bar.write(
+                f"step {done}: train loss {result.loss:.4f}, "
+                f"val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}"
+                + ("" if ev.exact else " (estimate)")
+            )
         if main:
             metrics.log(record)
             wandb_run.log(record)
             bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-        if done % t.ckpt_interval == 0 or done == t.max_steps:
-            save_checkpoint(ckpt_root, done, lambda d: write_state(engine, cfg, done, d), t.keep_last)
+        if done % t.ckpt_interval == 0 or done == end_step:
+            save_checkpoint(
+                ckpt_root, done, functools.partial(write_state, engine, cfg, done), t.keep_last
+            )
     bar.close()
     wall = time.perf_counter() - started
-    steps_run = t.max_steps - start_step
+    steps_run = end_step - start_step
 
-    final = evaluate(
-        model, val_tokens, t.seq_len, EVAL_BATCH, val_tokens_per_char, precision=t.precision
-    )
-    baseline = unigram_bpc(train_tokens, val_tokens, index.vocab_size, val_tokens_per_char)
+    final = evaluate(model, val_tokens, t.seq_len, EVAL_BATCH, val_chars, precision=t.precision)
+    baseline = unigram_bpc(train_tokens, val_tokens, index.vocab_size, val_chars)
     sample = ""
     if main:
-        sample = sample_text(model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed)
+        sample = sample_text(
+            model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed
+        )
         (run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         metrics.close()
-        wandb_run.log({"step": t.max_steps, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
+        wandb_run.log({"step": end_step, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
         wandb_run.finish()
     summary = TrainSummary(
-        steps=t.max_steps,
+        steps=end_step,
         val_loss=final.loss,
         val_bpc=final.bpc,
         unigram_bpc=baseline,
@@ -165,7 +183,9 @@ def train(cfg: Config, *, resume: bool = False, log=print) -> TrainSummary:
         sample=sample,
     )
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=1), encoding="utf-8")
+        (run_dir / "summary.json").write_text(
+            json.dumps(summary.__dict__, indent=1), encoding="utf-8"
+        )
     return summary
 
 
@@ -192,7 +212,12 @@ def restore(engine: Engine, cfg: Config, ckpt_root: Path, log) -> int:
 
 def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
     current = cfg.to_dict()["model"]
-    diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in current.items() if saved.get(k) != v]
+    diffs = [
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
+        for k, v in current.items()
+        if saved.get(k) != v
+    ]
     if diffs:
-        raise CheckpointError(f"checkpoint {directory} is from a different model: " + "; ".join(diffs))
-
+        raise CheckpointError(
+            f"checkpoint {directory} is from a different model: " + "; ".join(diffs)
+        )

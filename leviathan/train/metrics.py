@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class WandbRun:
 
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
-            id_file.write_text(wandb.util.generate_id(), encoding="utf-8")
+            id_file.write_text(secrets.token_hex(4), encoding="utf-8")
         self.run = wandb.init(
             project=project,
             dir=run_dir,

@@ -18,11 +18,11 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     val = [(r["step"], r["val_loss"], r["val_bpc"]) for r in records if "val_loss" in r]
     fig, (ax_loss, ax_bpc) = plt.subplots(1, 2, figsize=(11, 4))
     if train:
-        ax_loss.plot(*zip(*train), lw=0.8, alpha=0.7, label="train")
+        ax_loss.plot([s for s, _ in train], [v for _, v in train], lw=0.8, alpha=0.7, label="train")
     if val:
-        steps, losses, bpcs = zip(*val)
-        ax_loss.plot(steps, losses, "o-", label="val")
-        ax_bpc.plot(steps, bpcs, "o-", color="C1")
+        steps = [s for s, _, _ in val]
+        ax_loss.plot(steps, [v for _, v, _ in val], "o-", label="val")
+        ax_bpc.plot(steps, [b for _, _, b in val], "o-", color="C1")
     ax_loss.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
     ax_loss.legend()
     ax_bpc.set(xlabel="step", ylabel="bits per character", title="val BPC")

@@ -1,0 +1,272 @@
+"""Time and memory of the attention kinds, fast and reference paths, against ``dot``.
+
+    python benchmarks/attention.py --seq-lens 128 512 2048 --repeats 5 \
+        --out benchmarks/results/attention.json --batch 4 --heads 4 --head-dim 64
+
+Each (case, T) runs in fresh subprocesses, after a warm-up at T=8 that loads the kernels.
+Time: median wall time of forward + backward (loss = out.sum()) over ``--repeats`` runs
+after two warm-ups. Memory, in a separate process: peak resident-set growth during one
+forward + backward, inputs excluded (Linux: VmHWM reset through /proc/self/clear_refs,
+minus VmRSS just before). That process runs with MALLOC_MMAP_THRESHOLD_=65536, so glibc
+returns every block of 64 KiB or more to the OS when it is freed: the peak then follows
+the bytes actually live (torch's and numpy's alike), not the allocator's caching, which
+otherwise made the same computation read anywhere from 1x to 3x.
+
+``scipy_detached`` re-creates the cost of the earlier experiment that DESIGN.md
+describes, for the record: ``scipy.signal.correlate`` over all four axes (batch, head,
+time, channel) of detached numpy copies of q and k, no causal mask, softmax, times v.
+The old code is not in this repository, so this reproduces its kind of work, not its
+exact output. Forward only: no gradient reaches q or k through it, which was the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (name, kind, options); every kind but scipy_detached runs on both paths
+CASES: list[tuple[str, str, dict]] = [
+    ("dot", "dot", {}),
+    ("token W=2 r=1", "token_xcorr", {"window": 2, "rank": 1}),
+    ("token W=2 r=2", "token_xcorr", {"window": 2, "rank": 2}),
+    ("token W=4 r=1", "token_xcorr", {"window": 4, "rank": 1}),
+    ("token W=4 r=4", "token_xcorr", {"window": 4, "rank": 4}),
+    ("channel L=2", "channel_xcorr", {"lags": 2}),
+]
+SKIPPED_TT = "skipped (T x T too large)"
+
+
+# --- worker: one case, one sequence length, in its own process -----------------------
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _make_step(spec: dict, T: int):
+    """A closure running one forward (+ backward) of the case at length T."""
+    import numpy as np
+    import scipy.signal
+    import torch
+
+    from leviathan.model import correlation as xc
+
+    B, H, d = spec["batch"], spec["heads"], spec["head_dim"]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, generator=gen).requires_grad_() for _ in range(3))
+    leaves = [q, k, v]
+    kind, opts, reference = spec["kind"], spec["options"], spec["reference"]
+    if kind == "dot":
+
+        def forward():
+            return xc.dot_attention(q, k, v, reference=reference)
+
+    elif kind == "token_xcorr":
+        r, W = opts["rank"], opts["window"]
+        f = (0.5 * torch.randn(H, r, W, generator=gen)).requires_grad_()
+        g = (0.5 * torch.randn(H, r, W, generator=gen)).requires_grad_()
+        leaves += [f, g]
+
+        def forward():
+            return xc.token_xcorr_attention(q, k, v, f, g, reference=reference)
+
+    elif kind == "channel_xcorr":
+        alpha = (0.5 * torch.randn(H, 2 * opts["lags"] + 1, generator=gen)).requires_grad_()
+        leaves.append(alpha)
+
+        def forward():
+            return xc.channel_xcorr_attention(q, k, v, alpha, reference=reference)
+
+    elif kind == "scipy_detached":
+
+        def forward():
+            qn, kn = q.detach().numpy(), k.detach().numpy()
+            corr = scipy.signal.correlate(qn, kn, mode="same")  # all axes at once
+            scores = torch.from_numpy(np.ascontiguousarray(corr)) * d**-0.5
+            return torch.softmax(scores, dim=-1) * v  # no mask
+
+    else:
+        raise ValueError(kind)
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        if kind == "scipy_detached":
+            with torch.no_grad():
+                forward()
+        else:
+            forward().sum().backward()
+
+    return step
+
+
+def worker(spec: dict) -> dict:
+    """Peak memory (spec["measure"] == "memory") or median time of one case."""
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    warm = _make_step(spec, 8)  # load kernels and thread pools outside the measurement
+    warm()
+    warm()
+    step = _make_step(spec, spec["seq_len"])
+    if spec["measure"] == "memory":
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+        before = _proc_status_kib("VmRSS")
+        step()
+        return {"peak_mib": (_proc_status_kib("VmHWM") - before) / 1024}
+    step()
+    step()
+    ms = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        step()
+        ms.append(1e3 * (time.perf_counter() - start))
+    return {"ms": statistics.median(ms), "min_ms": min(ms)}
+
+
+# --- driver -------------------------------------------------------------------------
+
+
+def _subprocess(spec: dict, timeout: float, env: dict[str, str]) -> dict:
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": f"failed (over {timeout:.0f} s)"}
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return {"status": f"failed ({last[:80]})"}
+    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def run_case(spec: dict, timeout: float) -> dict:
+    """Time in one fresh process, memory in another (with malloc caching off, see top)."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    timed = _subprocess({**spec, "measure": "time"}, timeout, env)
+    if timed["status"] != "ok":
+        return timed
+    memory_env = {**env, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    memory = _subprocess({**spec, "measure": "memory"}, timeout, memory_env)
+    return {**timed, "peak_mib": memory.get("peak_mib")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 2048])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/attention.json")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    parser.add_argument(
+        "--max-reference-t",
+        type=int,
+        default=1024,
+        help="skip the materialised paths above this T (they hold several B*H*T*T tensors)",
+    )
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    base = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
+    base |= {"threads": args.threads, "repeats": args.repeats}
+    plan = [(name, kind, opts, False) for name, kind, opts in CASES]
+    plan += [(name, kind, opts, True) for name, kind, opts in CASES]
+    plan.append(("scipy_detached", "scipy_detached", {}, False))
+
+    rows = []
+    print(_header(), flush=True)
+    for T in args.seq_lens:
+        dot = None
+        for name, kind, opts, reference in plan:
+            path = "reference" if reference else "fast"
+            path = "fwd only" if kind == "scipy_detached" else path
+            row = {"case": name, "kind": kind, "options": opts, "path": path, "seq_len": T}
+            if reference and T > args.max_reference_t:
+                row["status"] = SKIPPED_TT
+            else:
+                spec = {**base, "kind": kind, "options": opts, "reference": reference}
+                row |= run_case({**spec, "seq_len": T}, args.timeout)
+            if kind == "dot" and not reference and row["status"] == "ok":
+                dot = row
+            if row["status"] == "ok" and dot is not None:
+                row["time_vs_dot"] = row["ms"] / dot["ms"]
+                if row["peak_mib"] is not None and dot["peak_mib"]:
+                    row["mem_vs_dot"] = row["peak_mib"] / dot["peak_mib"]
+            rows.append(row)
+            print(_format_row(row), flush=True)
+
+    import torch
+
+    settings = {
+        **base,
+        "seq_lens": args.seq_lens,
+        "threads_used": args.threads or torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": "float32",
+        "time": "median wall time of forward + backward (loss = out.sum()) after two warm-ups",
+        "memory": "peak RSS growth of a fresh process during one forward + backward, inputs "
+        "excluded (VmHWM reset via /proc/self/clear_refs, minus VmRSS before), with "
+        "MALLOC_MMAP_THRESHOLD_=65536 so freed blocks >= 64 KiB go back to the OS",
+        "scipy_detached": "forward only: scipy.signal.correlate over all axes of detached "
+        "q, k (mode='same'), unmasked softmax, times v; a re-creation of the old approach",
+        "ratios": "against dot (fast path) at the same T",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
+    print(
+        f"\nB={args.batch} H={args.heads} d={args.head_dim} float32, "
+        f"{settings['threads_used']} threads; x dot: median and peak against dot (fast) at the "
+        "same T; min ms: the fastest repeat (less exposed to other load on the machine).\n"
+        f"Time: {settings['time']}; scipy_detached: {settings['scipy_detached']}.\n"
+        f"Memory: {settings['memory']}.\nwrote {args.out}"
+    )
+
+
+def _header() -> str:
+    head = f"{'case':<16}{'path':<11}{'T':>6}{'median ms':>11}{'min ms':>10}{'x dot':>8}"
+    head += f"{'peak MiB':>10}{'x dot':>8}"
+    return head + "\n" + "-" * len(head)
+
+
+def _format_row(row: dict) -> str:
+    lead = f"{row['case']:<16}{row['path']:<11}{row['seq_len']:>6}"
+    if row["status"] != "ok":
+        return f"{lead}  {row['status']}"
+
+    def cell(value: float | None, fmt: str, width: int) -> str:
+        return f"{'-' if value is None else format(value, fmt):>{width}}"
+
+    return (
+        lead
+        + cell(row["ms"], ".2f", 11)
+        + cell(row["min_ms"], ".2f", 10)
+        + cell(row.get("time_vs_dot"), ".2f", 8)
+        + cell(row["peak_mib"], ".1f", 10)
+        + cell(row.get("mem_vs_dot"), ".2f", 8)
+    )
+
+
+if __name__ == "__main__":
+    main()
