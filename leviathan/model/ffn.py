@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leviathan.errors import ConfigError
+from moe import MoE, MoEOptions, check_options
 
 
 @dataclass
@@ -64,4 +65,25 @@ class DenseFFN(nn.Module):
             raise ConfigError(f"model.ffn.hidden_mult: must be positive, got {options.hidden_mult}")
 
 
-FFNS: dict[str, type[nn.Module]] = {"dense": DenseFFN}
+class MoEFFN(MoE):
+    """The `moe` package's sparse Mixture-of-Experts layer as a Leviathan FFN kind."""
+
+    Options: ClassVar[type] = MoEOptions
+
+    @classmethod
+    def check(cls, options: MoEOptions, d_model: int) -> None:
+        try:
+            check_options(options)
+        except ValueError as err:
+            raise ConfigError(f"model.ffn.{err}") from None
+
+
+def layer_ffn_options(options, layer: int):
+    """`moe_every: n` puts the MoE in every n-th block (the last of each n) and, elsewhere,
+    a dense FFN as wide as one expert, as Switch and GShard interleave them."""
+    if not isinstance(options, MoEOptions) or (layer + 1) % options.moe_every == 0:
+        return options
+    return DenseOptions(activation=options.activation, hidden_mult=options.expert_hidden_mult)
+
+
+FFNS: dict[str, type[nn.Module]] = {"dense": DenseFFN, "moe": MoEFFN}

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leviathan.model.ffn import FFNS
+from leviathan.model.ffn import FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
@@ -27,14 +27,15 @@ if TYPE_CHECKING:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        ffn = layer_ffn_options(cfg.ffn, layer)
         self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mixer = MIXERS[cfg.mixer.kind](
             cfg.d_model, cfg.n_head, cfg.mixer, dropout=cfg.dropout, bias=cfg.bias
         )
         self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.ffn = FFNS[cfg.ffn.kind](cfg.d_model, cfg.ffn, dropout=cfg.dropout, bias=cfg.bias)
+        self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))
@@ -50,15 +51,17 @@ class Leviathan(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
         self.apply(init_weights)
-        # GPT-2: scale the projections that write into the residual stream by 1/sqrt(2 L)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # GPT-2: the projections that write into the residual stream (attention and FFN
+        # outputs, experts' output weights included) start 1/sqrt(2 L) smaller
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith(("proj.weight", "w_out")):
+                    p.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -80,6 +83,28 @@ class Leviathan(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
+    def sparse_layers(self) -> list[nn.Module]:
+        """The FFNs that route tokens (they carry auxiliary losses, metrics and state)."""
+        return [b.ffn for b in self.blocks if routes_tokens(b.ffn)]
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of the routers' balance losses from the last forward; the loop adds it."""
+        losses = [ffn.aux_loss for ffn in self.sparse_layers()]
+        return sum(losses) if losses else torch.zeros((), device=self.tok_emb.weight.device)
+
+    def after_optimizer_step(self) -> None:
+        """State that moves outside the gradient: the loss-free routers' biases."""
+        for ffn in self.sparse_layers():
+            ffn.update_bias()
+
+    def pop_layer_metrics(self) -> dict[str, dict]:
+        """Routing statistics per sparse block (keyed `layer{i}`) since the last call."""
+        return {
+            f"layer{i}": b.ffn.pop_metrics()
+            for i, b in enumerate(self.blocks)
+            if routes_tokens(b.ffn)
+        }
+
     def set_reference(self, reference: bool) -> None:
         """Switch every mixer to its materialised-score path (for tests) or back."""
         for block in self.blocks:
@@ -92,8 +117,17 @@ class Leviathan(nn.Module):
             n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
         return n
 
+    def active_params(self) -> int:
+        """Parameters one token passes through: the routed FFNs count only their top-k
+        experts (and router and shared experts)."""
+        inactive = sum(
+            sum(p.numel() for p in ffn.parameters()) - ffn.active_params()
+            for ffn in self.sparse_layers()
+        )
+        return self.num_params() - inactive
+
     def flops_per_token(self, seq_len: int | None = None) -> int:
-        """Forward FLOPs per token at `seq_len` (default block_size); training costs 3x."""
+        """Active forward FLOPs per token at `seq_len` (default block_size); training: 3x."""
         seq_len = seq_len or self.cfg.block_size
         per_block = sum(
             b.mixer.flops_per_token(seq_len) + b.ffn.flops_per_token() for b in self.blocks
@@ -125,6 +159,11 @@ class Leviathan(nn.Module):
                 nxt = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def routes_tokens(ffn: nn.Module) -> bool:
+    """A sparse FFN: it keeps routing metrics (and may carry aux losses and biases)."""
+    return hasattr(ffn, "pop_metrics")
 
 
 def init_weights(module: nn.Module) -> None:

@@ -23,6 +23,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 @dataclass
 class StepResult:
     loss: float  # mean cross-entropy over this step's micro-batches (nats/token)
+    aux_loss: float  # mean of the model's auxiliary (router balance) losses, already weighted
     grad_norm: float  # global gradient norm before clipping
 
 
@@ -63,17 +64,21 @@ class TorchEngine:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total = aux_total = 0.0
         for x, y in micro_batches:
             with autocast(self.device, self.precision):
                 _, loss = self.model(x.to(self.device), y.to(self.device))
-            (loss / len(micro_batches)).backward()
+                aux = self.model.aux_loss()
+            ((loss + aux) / len(micro_batches)).backward()
             total += loss.item()
+            aux_total += aux.item()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=total / len(micro_batches), grad_norm=float(grad_norm))
+        self.model.after_optimizer_step()
+        n = len(micro_batches)
+        return StepResult(loss=total / n, aux_loss=aux_total / n, grad_norm=float(grad_norm))
 
     def save(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / "model.pt")

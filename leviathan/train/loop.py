@@ -28,7 +28,7 @@ from leviathan.train.device import resolve_device
 from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
-from leviathan.train.plots import plot_curves
+from leviathan.train.plots import plot_curves, plot_expert_load
 from leviathan.train.schedule import lr_at
 
 EVAL_BATCH = 16
@@ -93,7 +93,7 @@ def train(
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(index.tokenizer_path, run_dir / "tokenizer.model")
         log(
-            f"model: {model.num_params():,} parameters, "
+            f"model: {model.num_params():,} parameters ({model.active_params():,} active), "
             f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
             f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}"
         )
@@ -132,6 +132,9 @@ def train(
             "tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
             "elapsed_s": time.perf_counter() - started,
         }
+        routing = model.pop_layer_metrics()
+        if routing:
+            record.update(aux_loss=result.aux_loss, moe=routing)
         if done % t.eval_interval == 0 or done == t.max_steps:
             ev = evaluate(
                 model,
@@ -170,6 +173,8 @@ def train(
         )
         (run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+        if model.sparse_layers():
+            plot_expert_load(run_dir / "metrics.jsonl", run_dir / "expert_load.png")
         metrics.close()
         wandb_run.log({"step": end_step, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
         wandb_run.finish()

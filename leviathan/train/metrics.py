@@ -68,8 +68,20 @@ class WandbRun:
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.run.log(scalars(record), step=record["step"])
 
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+def scalars(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """Flatten nested metrics to `moe/layer1/imbalance` keys, keeping numbers only."""
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(scalars(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and name != "step":
+            flat[name] = value
+    return flat

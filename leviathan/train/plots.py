@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,6 +29,29 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     ax_bpc.set(xlabel="step", ylabel="bits per character", title="val BPC")
     for ax in (ax_loss, ax_bpc):
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def plot_expert_load(metrics_path: Path, out_path: Path) -> None:
+    """Heatmap per MoE layer: each expert's share of the routed tokens (rows) over steps."""
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = [r for r in records if "moe" in r]
+    layers = sorted(records[0]["moe"], key=lambda name: int(name.removeprefix("layer")))
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.6 * len(layers)), squeeze=False)
+    for ax, layer in zip(axes[:, 0], layers, strict=True):
+        load = np.array([r["moe"][layer]["load"] for r in records], dtype=float)
+        share = load / np.maximum(load.sum(axis=1, keepdims=True), 1)
+        extent = (steps[0], steps[-1], share.shape[1] - 0.5, -0.5)
+        image = ax.imshow(
+            share.T, aspect="auto", interpolation="nearest", extent=extent, cmap="viridis"
+        )
+        ax.set(ylabel=f"{layer}\nexpert")
+        fig.colorbar(image, ax=ax, label="share of tokens")
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("expert load per MoE layer")
     fig.tight_layout()
     fig.savefig(out_path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,652 @@
+"""Time our MoE layer against DeepSpeed's MoE layer and a dense FFN of equal active width.
+
+    python benchmarks/moe.py --threads 1 --tokens 4096 16384 --repeats 5 \
+        --out benchmarks/results/moe.json
+
+One process, one input per (case, token count), shared by every layer. For each case
+(d_model, experts E, top-k) it times five layers on the same tokens ``x`` of shape (T, d):
+
+- ``ours dropless``   ``moe.MoE`` with ``capacity_factor=None``;
+- ``DS dropless``     ``deepspeed.moe.layer.MoE(..., drop_tokens=False)``;
+- ``ours capacity``   ``moe.MoE`` with ``capacity_factor=1.25``;
+- ``DS capacity``     ``deepspeed.moe.layer.MoE(..., capacity_factor=1.25, drop_tokens=True)``;
+- ``dense``           Linear(d, k*h) -> GELU -> Linear(k*h, d), the active width of one token.
+
+Both capacity layers size each expert's buffer as ceil(k * T / E * 1.25) tokens (DeepSpeed's
+top-1, top-2 and top-k gates all multiply the factor by k). Experts: Linear(d, h) -> GELU ->
+Linear(h, d) with h = expert_hidden_mult * d, 4d for the two d=256 cases and d/2 for the
+fine-grained (512, 64, 8) case, the same width in both MoE layers.
+
+Time: median wall time of forward + loss + backward over ``--repeats`` rounds, after two
+warm-up rounds. Each round runs the five layers once each, in an order rotated every round,
+so background load on a shared machine falls on all of them alike. Gradients are cleared
+(set to None) outside the timed region. ``x`` requires grad, as a layer inside a model would.
+
+Loss (what the backward differentiates):
+- ours:  ``out.sum() + layer.aux_loss`` (the layer's own auxiliary loss: with ``balance="aux"``
+  the Switch load-balancing loss times ``aux_coef`` plus the router z-loss times ``z_coef``);
+- DeepSpeed: ``out.sum() + aux_coef * l_aux`` (its GShard/Switch balance loss, same
+  coefficient; it has no z-loss);
+- dense: ``out.sum()``.
+
+The DeepSpeed measured is whatever is installed (0.19.8 for benchmarks/results/moe.json): that
+version already dispatches sparsely (index_select into the (E, C, d) buffer, then a weighted
+gather back), not with the dense one-hot einsum of older releases, and its top-k gate takes
+any k (k > 2 through ``topkgating``).
+DeepSpeed settings: ``ep_size=1``; ``top2_2nd_expert_sampling=False`` so its top-2 route is
+the deterministic top-2 like ours (its default adds Gumbel noise to pick the second
+expert); everything else at its defaults (top-1 keeps ``use_rts=True``, random token
+selection when dropping; its top-k gate for k>2 drops by gate probability; ``min_capacity=4``).
+Its ``Experts`` deep-copies one expert module, so every DeepSpeed expert is re-initialised
+here; then its router and expert weights are copied from ours when ours has a single (E, d)
+router matrix and stacked ``w_in`` (E, d, h) / ``w_out`` (E, h, d) expert weights: identical
+routing decisions, hence identical expert loads, and for k >= 2 in dropless mode the same
+function (the JSON records the relative output difference as a cross-check). ep_size=1 needs
+no process group; if a DeepSpeed version does, a one-process gloo group is started on 127.0.0.1.
+
+Memory: peak resident-set growth over one forward + backward (activations, temporaries and
+the parameter gradients; parameters and input excluded), one subprocess per (case, T) that
+builds the same layers and measures them in turn after a warm-up step each (VmHWM reset
+through /proc/self/clear_refs; MALLOC_MMAP_THRESHOLD_=65536 so glibc returns freed blocks
+and the peak follows the live bytes). ``--no-memory`` skips it. (A saved_tensors_hooks count
+would miss tensors a custom autograd Function keeps on ``ctx`` itself.)
+
+The JSON also records ours' own metrics over the timed steps (``pop_metrics``: dropped
+fraction, load imbalance) and a SHA-256 of the ``moe`` package sources measured.
+
+The machine load is recorded: load average before and after, and the CPU time that other
+processes used during the run (from /proc/stat minus this process), in cores.
+For each missed goal, the worst row is profiled (torch.profiler, top ops by self CPU time
+over forward + backward), ours and the baseline it missed against (DeepSpeed or dense);
+``--profile always`` / ``never`` overrides that.
+
+On a shared 2-core machine, ``--threads 1`` gives far steadier numbers: with 2 threads any
+other busy process stalls torch's OpenMP barriers and times swing by up to 10x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# This file is named moe.py: keep its own folder off the path so `import moe` finds the package.
+_HERE = str(Path(__file__).resolve().parent)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+# name -> (d_model, n_experts, top_k, expert_hidden_mult)
+CASES: dict[str, tuple[int, int, int, float]] = {
+    "d256-E8-k1": (256, 8, 1, 4.0),
+    "d256-E8-k2": (256, 8, 2, 4.0),
+    "d512-E64-k8": (512, 64, 8, 0.5),
+}
+CAPACITY_FACTOR = 1.25
+AUX_COEF = 0.01  # MoEOptions.aux_coef default; DeepSpeed's l_aux is scaled by the same
+GOAL_VS_DS = 0.65
+GOAL_VS_DENSE = 1.15
+LAYERS = ("ours_dropless", "ds_dropless", "ours_capacity", "ds_capacity", "dense")
+
+
+# --- machine load --------------------------------------------------------------------
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies over all CPUs since boot."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def _self_jiffies() -> int:
+    stat = Path("/proc/self/stat").read_text()
+    rest = stat[stat.rindex(")") + 2 :].split()
+    return int(rest[11]) + int(rest[12])  # utime + stime (fields 14, 15)
+
+
+class LoadMeter:
+    """CPU time other processes use while this one runs, in cores on average."""
+
+    def __init__(self) -> None:
+        self.loadavg_before = os.getloadavg()
+        self.busy0, self.total0 = _cpu_jiffies()
+        self.self0 = _self_jiffies()
+
+    def report(self) -> dict:
+        busy, total = _cpu_jiffies()
+        mine = _self_jiffies() - self.self0
+        ncpu = os.cpu_count() or 1
+        dt = max(total - self.total0, 1)
+        return {
+            "cpus": ncpu,
+            "loadavg_before": [round(v, 2) for v in self.loadavg_before],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "this_process_cores": round(mine / dt * ncpu, 2),
+            "other_processes_cores": round(max(busy - self.busy0 - mine, 0) / dt * ncpu, 2),
+        }
+
+
+# --- layers --------------------------------------------------------------------------
+
+
+def _mlp(d: int, h: int) -> nn.Module:
+    # bias-free, like our experts (MoEOptions has no bias switch; moe.experts defaults to none)
+    return nn.Sequential(nn.Linear(d, h, bias=False), nn.GELU(), nn.Linear(h, d, bias=False))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def make_ours(d: int, n_experts: int, k: int, mult: float, capacity_factor: float | None):
+    from moe import MoE, MoEOptions
+
+    opts = MoEOptions(
+        n_experts=n_experts,
+        top_k=k,
+        expert_hidden_mult=mult,
+        activation="gelu",
+        capacity_factor=capacity_factor,
+        balance="aux",
+        aux_coef=AUX_COEF,
+    )
+    return MoE(d, opts)
+
+
+def _router_weight(ours: nn.Module, d: int, n_experts: int) -> torch.Tensor | None:
+    found = [p for p in ours.parameters() if tuple(p.shape) == (n_experts, d)]
+    return found[0] if len(found) == 1 else None
+
+
+def _expert_weights(ours: nn.Module, d: int, n_experts: int, h: int):
+    """Our stacked (E, d, h) input and (E, h, d) output expert weights, if recognisable."""
+    w_in = [p for n, p in ours.named_parameters() if n.endswith("w_in")]
+    w_out = [p for n, p in ours.named_parameters() if n.endswith("w_out")]
+    if len(w_in) == 1 and len(w_out) == 1:
+        if tuple(w_in[0].shape) == (n_experts, d, h) and tuple(w_out[0].shape) == (n_experts, h, d):
+            return w_in[0], w_out[0]
+    return None
+
+
+def make_ds(d, n_experts, k, mult, capacity_factor, ours):
+    """DeepSpeed's MoE layer, router and experts copied from ours where recognisable,
+    else (experts) independently re-initialised."""
+    from deepspeed.moe.layer import MoE as DSMoE
+
+    h = int(round(mult * d))
+    kwargs = dict(
+        hidden_size=d,
+        expert=_mlp(d, h),
+        num_experts=n_experts,
+        ep_size=1,
+        k=k,
+        top2_2nd_expert_sampling=False,
+    )
+    if capacity_factor is None:
+        kwargs.update(drop_tokens=False)
+    else:
+        kwargs.update(drop_tokens=True, capacity_factor=capacity_factor)
+    layer = DSMoE(**kwargs)
+    for module in layer.deepspeed_moe.experts.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
+    router = _router_weight(ours, d, n_experts)
+    weights = _expert_weights(ours, d, n_experts, h)
+    with torch.no_grad():
+        if router is not None:
+            layer.deepspeed_moe.gate.wg.weight.copy_(router)
+        if weights is not None:
+            for e, expert in enumerate(layer.deepspeed_moe.experts.deepspeed_experts):
+                expert[0].weight.copy_(weights[0][e].t())
+                expert[2].weight.copy_(weights[1][e].t())
+    layer.copied = {"router": router is not None, "experts": weights is not None}
+    return layer
+
+
+def _ds_forward(layer, x):
+    out, l_aux, _ = layer(x)
+    return out.sum() + AUX_COEF * l_aux, out
+
+
+def _ours_forward(layer, x):
+    out = layer(x)
+    return out.sum() + layer.aux_loss, out
+
+
+def _dense_forward(layer, x):
+    out = layer(x)
+    return out.sum(), out
+
+
+# --- measurement ---------------------------------------------------------------------
+
+
+def _step(layer, forward, x) -> float:
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    t0 = time.perf_counter()
+    loss, _ = forward(layer, x)
+    loss.backward()
+    return time.perf_counter() - t0
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_growth_mib(layer, forward, x) -> float:
+    """Peak resident-set growth over one forward + loss + backward, in MiB.
+
+    VmHWM is reset through /proc/self/clear_refs just before; the worker process runs with
+    MALLOC_MMAP_THRESHOLD_=65536 so freed blocks go back to the OS and the peak follows the
+    bytes live (activations, temporaries, the new parameter gradients), not glibc's cache.
+    """
+    for p in layer.parameters():
+        p.grad = None
+    x.grad = None
+    gc.collect()
+    base = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    loss, _ = forward(layer, x)
+    loss.backward()
+    del loss
+    return (_proc_status_kib("VmHWM") - base) / 1024
+
+
+def memory_worker(name: str, T: int, seed: int) -> dict:
+    """Run in its own process (see measure_memory): peak growth of each layer in turn."""
+    x, layers, _ = build_layers(name, T, seed)
+    for layer, forward in layers.values():
+        _step(layer, forward, x)  # one-time allocations out of the way
+    import moe
+
+    out = {n: round(peak_growth_mib(*layers[n], x), 1) for n in LAYERS if n in layers}
+    return out | {"moe_sources_sha256": _sources_sha256(Path(moe.__file__).parent)}
+
+
+def measure_memory(name: str, T: int, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, str(T)]
+    cmd += ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MEMORY_TAG):
+            return json.loads(line[len(_MEMORY_TAG) :])
+    return {"error": (proc.stderr or proc.stdout)[-300:]}
+
+
+_MEMORY_TAG = "MOE_BENCH_MEMORY "
+
+
+def profile_layer(layer, forward, x, iters: int = 3, top: int = 15) -> dict:
+    """Top ops by self CPU time over forward + loss + backward, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _step(layer, forward, x)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            _step(layer, forward, x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    rows = [
+        {
+            "op": e.key,
+            "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / iters, 3),
+            "share": round(e.self_cpu_time_total / total, 4),
+            "calls_per_step": e.count / iters,
+        }
+        for e in events[:top]
+    ]
+    return {"total_self_ms_per_step": round(total / 1e3 / iters, 2), "top_ops": rows}
+
+
+def build_layers(name: str, T: int, seed: int):
+    """The input and the five layers (name -> (module, forward)) of one (case, T)."""
+    d, n_experts, k, mult = CASES[name]
+    h = int(round(mult * d))
+    torch.manual_seed(seed)
+    x = torch.randn(T, d).requires_grad_(True)
+
+    layers: dict[str, tuple[nn.Module, object]] = {}
+    skipped: dict[str, str] = {}
+    for mode, cf in (("dropless", None), ("capacity", CAPACITY_FACTOR)):
+        torch.manual_seed(seed + 1)
+        ours = make_ours(d, n_experts, k, mult, cf)
+        layers[f"ours_{mode}"] = (ours, _ours_forward)
+        try:
+            torch.manual_seed(seed + 2)
+            ds = make_ds(d, n_experts, k, mult, cf, ours)
+            _ds_forward(ds, x[:64].detach())  # fails here if it needs a process group
+        except Exception as exc:  # noqa: BLE001 - reported in the table, not hidden
+            if "process group" in str(exc).lower() or "init_process_group" in str(exc):
+                _ensure_process_group()
+                ds = make_ds(d, n_experts, k, mult, cf, ours)
+            else:
+                skipped[f"ds_{mode}"] = f"{type(exc).__name__}: {exc}"[:200]
+                ds = None
+        if ds is not None:
+            layers[f"ds_{mode}"] = (ds, _ds_forward)
+    torch.manual_seed(seed + 3)
+    layers["dense"] = (_mlp(d, k * h), _dense_forward)
+    return x, layers, skipped
+
+
+def run_case(name: str, T: int, args, log) -> dict:
+    d, n_experts, k, mult = CASES[name]
+    h = int(round(mult * d))
+    x, layers, skipped = build_layers(name, T, args.seed)
+    names = [n for n in LAYERS if n in layers]
+    # cross-check: with router and experts copied, the two dropless layers compute the same
+    # function for k >= 2 (for k = 1 DeepSpeed weights the output by the top-1 softmax
+    # probability, ours by 1 after renormalising); capacity modes differ in what they drop.
+    agreement = {}
+    for mode in ("dropless", "capacity"):
+        if f"ds_{mode}" not in layers:
+            continue
+        with torch.no_grad():
+            a = layers[f"ours_{mode}"][0](x)
+            b = layers[f"ds_{mode}"][0](x)[0]
+        agreement[mode] = {
+            "max_abs_diff_over_max_abs": float((a - b).abs().max() / b.abs().max()),
+            "copied_from_ours": layers[f"ds_{mode}"][0].copied,
+        }
+    # warm-up, and how long one round takes
+    t0 = time.perf_counter()
+    for _ in range(2):
+        for n in names:
+            _step(layers[n][0], layers[n][1], x)
+    round_s = (time.perf_counter() - t0) / 2
+    repeats = args.repeats
+    if round_s * repeats > args.budget:
+        repeats = max(3, min(repeats, int(args.budget // max(round_s, 1e-9))))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for n in order:
+            times[n].append(_step(layers[n][0], layers[n][1], x))
+    ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    ours_metrics = {}
+    for mode in ("dropless", "capacity"):
+        layer = layers[f"ours_{mode}"][0]
+        if hasattr(layer, "pop_metrics"):
+            m = layer.pop_metrics()
+            ours_metrics[mode] = {key: m[key] for key in ("dropped_frac", "imbalance") if key in m}
+    mem = measure_memory(name, T, args) if args.memory else None
+
+    result = {
+        "case": name,
+        "d_model": d,
+        "n_experts": n_experts,
+        "top_k": k,
+        "expert_hidden": h,
+        "dense_hidden": k * h,
+        "tokens": T,
+        "repeats": repeats,
+        "round_s": round(round_s, 3),
+        "ms": {n: round(v, 2) for n, v in ms.items()},
+        "ms_all": {n: [round(t * 1e3, 2) for t in v] for n, v in times.items()},
+        "peak_rss_growth_mib": mem,
+        "ours_metrics": ours_metrics,
+        "skipped": skipped,
+        "ours_vs_ds_outputs": agreement,
+        "params": {n: sum(p.numel() for p in layers[n][0].parameters()) for n in names},
+        "rows": [],
+    }
+    for mode in ("dropless", "capacity"):
+        ours_ms = ms[f"ours_{mode}"]
+        ds_ms = ms.get(f"ds_{mode}")
+        vs_ds = ours_ms / ds_ms if ds_ms else None
+        vs_dense = ours_ms / ms["dense"]
+        result["rows"].append(
+            {
+                "mode": mode,
+                "ours_ms": round(ours_ms, 2),
+                "ds_ms": None if ds_ms is None else round(ds_ms, 2),
+                "ds_na_reason": skipped.get(f"ds_{mode}"),
+                "dense_ms": round(ms["dense"], 2),
+                "ours_over_ds": None if vs_ds is None else round(vs_ds, 3),
+                "ours_over_dense": round(vs_dense, 3),
+                "goal_vs_ds_met": None if vs_ds is None else vs_ds <= GOAL_VS_DS,
+                "goal_vs_dense_met": vs_dense <= GOAL_VS_DENSE,
+            }
+        )
+    log(
+        f"  {name} T={T}: "
+        + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items())
+        + f" ({repeats} repeats)"
+    )
+    result["_layers"] = layers  # for the profile; dropped before writing JSON
+    result["_x"] = x
+    return result
+
+
+def _sources_sha256(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _fmt(v, spec: str) -> str:
+    return "N/A" if v is None else format(v, spec)
+
+
+def print_table(results: list[dict]) -> None:
+    head = (
+        f"{'case':<12} {'mode':<9} {'tokens':>6} {'ours ms':>9} {'DS ms':>9} {'dense ms':>9} "
+        f"{'ours/DS':>8} {'ours/dense':>10}  goal met? (DS<={GOAL_VS_DS}, dense<={GOAL_VS_DENSE})"
+    )
+    print(head)
+    print("-" * len(head))
+    for res in results:
+        for row in res["rows"]:
+            ds_ok = row["goal_vs_ds_met"]
+            goal = (
+                f"DS {'N/A' if ds_ok is None else ('yes' if ds_ok else 'NO')}, "
+                f"dense {'yes' if row['goal_vs_dense_met'] else 'NO'}"
+            )
+            print(
+                f"{res['case']:<12} {row['mode']:<9} {res['tokens']:>6} "
+                f"{row['ours_ms']:>9.1f} {_fmt(row['ds_ms'], '9.1f'):>9} {row['dense_ms']:>9.1f} "
+                f"{_fmt(row['ours_over_ds'], '8.2f'):>8} {row['ours_over_dense']:>10.2f}  {goal}"
+            )
+            if row["ds_na_reason"]:
+                print(f"{'':<12} DS N/A: {row['ds_na_reason']}")
+    if any(res["peak_rss_growth_mib"] for res in results):
+        print()
+        print("peak RSS growth over one forward+backward, MiB")
+        print("  (ours dropless / DS dropless / ours capacity / DS capacity / dense):")
+        for res in results:
+            m = res["peak_rss_growth_mib"] or {}
+            vals = m["error"] if "error" in m else " / ".join(_fmt(m.get(n), ".1f") for n in LAYERS)
+            print(f"  {res['case']:<12} T={res['tokens']:<6} {vals}")
+
+
+def _worst_rows(results: list[dict], always: bool) -> list[tuple[str, dict, dict]]:
+    """(goal, result, row) of the worst row against each goal: missed ones, or all if always."""
+    pairs = [(res, row) for res in results for row in res["rows"]]
+    out = []
+    for goal, key, limit in (
+        ("ds", "ours_over_ds", GOAL_VS_DS),
+        ("dense", "ours_over_dense", GOAL_VS_DENSE),
+    ):
+        rated = [p for p in pairs if p[1][key] is not None]
+        if rated:
+            res, row = max(rated, key=lambda p: p[1][key])
+            if always or row[key] > limit:
+                out.append((goal, res, row))
+    return out
+
+
+def _print_profile(title: str, prof: dict) -> None:
+    print(f"{title}: {prof['total_self_ms_per_step']} ms self CPU per forward+backward")
+    print(f"  {'op':<44} {'ms/step':>8} {'share':>6} {'calls':>6}")
+    for r in prof["top_ops"]:
+        print(
+            f"  {r['op'][:44]:<44} {r['self_ms_per_step']:>8.2f} "
+            f"{r['share'] * 100:>5.1f}% {r['calls_per_step']:>6.0f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe.json")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="seconds of timed rounds per (case, tokens); fewer repeats (>= 3) past it",
+    )
+    ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto")
+    ap.add_argument(
+        "--no-memory",
+        dest="memory",
+        action="store_false",
+        help="skip the peak-memory subprocesses",
+    )
+    ap.add_argument("--memory-worker", nargs=2, metavar=("CASE", "TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    if args.memory_worker:
+        case, tokens = args.memory_worker
+        print(_MEMORY_TAG + json.dumps(memory_worker(case, int(tokens), args.seed)), flush=True)
+        return {}
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    import moe  # the version measured is the one on disk now
+
+    ours_sha = _sources_sha256(Path(moe.__file__).parent)
+    meter = LoadMeter()
+    t_start = time.perf_counter()
+    log(
+        f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+        f"{torch.get_num_threads()} threads, loadavg {os.getloadavg()}"
+    )
+    results = [run_case(name, T, args, log) for name in args.cases for T in args.tokens]
+    load = meter.report()
+
+    for res in results:
+        mem = res["peak_rss_growth_mib"]
+        if mem and "moe_sources_sha256" in mem:
+            # the worker imported moe later: flag it if the sources changed in between
+            res["memory_same_moe_sources"] = mem.pop("moe_sources_sha256") == ours_sha
+    print()
+    print_table(results)
+
+    # the worst row against each missed goal: ours, and the baseline it missed against
+    profiles = []
+    if args.profile != "never":
+        for goal, res, row in _worst_rows(results, args.profile == "always"):
+            mode = row["mode"]
+            base = f"ds_{mode}" if goal == "ds" else "dense"
+            entry = {"goal": goal, "case": res["case"], "tokens": res["tokens"], "mode": mode}
+            for who in (f"ours_{mode}", base):
+                layer, forward = res["_layers"][who]
+                entry[who] = profile_layer(layer, forward, res["_x"])
+                print()
+                _print_profile(
+                    f"profile of {who}, {res['case']} T={res['tokens']} (worst vs {goal})",
+                    entry[who],
+                )
+            profiles.append(entry)
+
+    load["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print()
+    print(
+        f"machine: {load['cpus']} CPUs, loadavg before {load['loadavg_before']}, after "
+        f"{load['loadavg_after']}; other processes used {load['other_processes_cores']} cores "
+        f"on average during the run ({load['wall_s']} s)"
+    )
+
+    for res in results:
+        res.pop("_layers")
+        res.pop("_x")
+    report = {
+        "benchmark": "moe forward+backward, median ms",
+        "loss": {
+            "ours": "out.sum() + layer.aux_loss",
+            "deepspeed": f"out.sum() + {AUX_COEF} * l_aux",
+            "dense": "out.sum()",
+        },
+        "goals": {"ours_over_ds": GOAL_VS_DS, "ours_over_dense": GOAL_VS_DENSE},
+        "capacity_factor": CAPACITY_FACTOR,
+        "settings": {
+            "repeats": args.repeats,
+            "warmup": 2,
+            "threads": torch.get_num_threads(),
+            "seed": args.seed,
+            "deepspeed": {
+                "ep_size": 1,
+                "top2_2nd_expert_sampling": False,
+                "experts": "re-initialised (its Experts deep-copies one module), then copied "
+                "from ours when recognisable (see ours_vs_ds_outputs.copied_from_ours)",
+                "router": "copied from ours when ours has one (E, d) router matrix",
+                "bias": "none in the experts or the dense FFN (like ours)",
+            },
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "moe_sources_sha256": ours_sha,
+            "moe_sources_changed_during_run": _sources_sha256(Path(moe.__file__).parent)
+            != ours_sha,
+        },
+        "machine": load,
+        "results": results,
+        "profiles": profiles,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Sparse Mixture-of-Experts FFN library (self-contained: imports nothing from leviathan)."""
+
+from moe.balance import switch_aux_loss, update_bias, z_loss
+from moe.dispatch import Plan, capacity, combine, gather, plan
+from moe.experts import MLP, Experts
+from moe.layer import MoE
+from moe.options import MoEOptions, check_options
+from moe.parallel import exchange_and_run
+from moe.router import Router, Routing
+
+__all__ = [
+    "MLP",
+    "Experts",
+    "MoE",
+    "MoEOptions",
+    "Plan",
+    "Router",
+    "Routing",
+    "capacity",
+    "check_options",
+    "combine",
+    "exchange_and_run",
+    "gather",
+    "plan",
+    "switch_aux_loss",
+    "update_bias",
+    "z_loss",
+]

@@ -1,0 +1,72 @@
+"""Token dispatch: group the (token, expert) assignments by expert and scatter results back.
+
+Dropless (default): every assignment is kept; one stable sort by expert id gives each
+expert one contiguous slice of exactly its tokens (no padding, no (T, E, C) one-hot).
+
+Capacity mode: each expert keeps at most `capacity = ceil(k * T / E * factor)`
+assignments. Priority rule: assignments are ranked in POSITION order - by token
+position, then by choice slot 0..k-1 (the row-major order of the (T, k) index tensor) -
+and an expert keeps its first `capacity` of them. A dropped assignment contributes
+zero, so for that slot the token passes through the residual unchanged.
+
+On one process `Experts.forward` fuses gather -> expert -> gated scatter-add expert by
+expert; `gather` and `combine` are the whole-tensor halves that the expert-parallel path
+puts around its all-to-all exchange.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Plan:
+    """Where each kept assignment goes; rows are grouped by expert in expert-id order.
+
+    N kept rows out of the T*k assignments.
+    """
+
+    token_idx: torch.Tensor  # (N,) token of each kept row
+    slot_idx: torch.Tensor  # (N,) flat assignment t * k + j of each kept row
+    counts: list[int]  # (E,) kept rows per expert: the slice lengths
+    routed: torch.Tensor  # (E,) assignments routed to each expert, before any dropping
+    dropped: int  # assignments dropped for capacity (0 when dropless)
+
+
+def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
+    """Per-expert slot count ceil(k * T / E * factor), evaluated in that order."""
+    return math.ceil(top_k * n_tokens / n_experts * factor)
+
+
+def plan(indices: torch.Tensor, n_experts: int, cap: int | None = None) -> Plan:
+    """Sort the (T, k) assignments by expert (stable: position order within an expert)."""
+    top_k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    routed = torch.bincount(flat, minlength=n_experts)
+    kept = routed
+    if cap is not None:
+        starts = routed.cumsum(0) - routed
+        rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+        order = order[rank < cap]
+        kept = routed.clamp(max=cap)
+    counts = kept.tolist()
+    return Plan(order // top_k, order, counts, routed, flat.numel() - order.numel())
+
+
+def gather(x: torch.Tensor, p: Plan) -> torch.Tensor:
+    """Gather the tokens (T, d) into expert-grouped rows (N, d) (the expert-parallel path;
+    a single process fuses gather, experts and combine per expert in `Experts.forward`)."""
+    return x.index_select(0, p.token_idx)
+
+
+def combine(y: torch.Tensor, gates: torch.Tensor, p: Plan, n_tokens: int) -> torch.Tensor:
+    """Weight expert outputs (N, d) by their gates (T, k) and sum them per token -> (T, d).
+
+    Dropped assignments have no row, so they add nothing.
+    """
+    g = gates.reshape(-1).index_select(0, p.slot_idx).to(y.dtype)
+    return y.new_zeros(n_tokens, y.shape[1]).index_add_(0, p.token_idx, y * g.unsqueeze(1))
