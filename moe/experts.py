@@ -34,6 +34,11 @@ class _RoutedExperts(torch.autograd.Function):
     Every temporary is one expert's slice, never a (T*k, d) tensor: fine-grained
     experts (k = 8) would otherwise allocate, fault in and copy several tensors k times
     the size of the input per step.
+
+    The gate is applied at the narrower of the hidden and output widths. At the hidden
+    width (fine-grained experts): g * (a @ w_out) = (g * a) @ w_out, and the gate gradient
+    is <dy, a @ w_out + b_out> = <dy @ w_out^T, a> + <dy, b_out>, so y is not kept. At the
+    output width: out += g * y, and y is kept for the gate gradient <dy, y>.
     """
 
     @staticmethod
@@ -51,69 +56,98 @@ class _RoutedExperts(torch.autograd.Function):
         activation: str,
     ) -> torch.Tensor:
         out = x.new_zeros(n_out, w_out.shape[2])
-        keep_y = gates is not None and ctx.needs_input_grad[1]  # y only serves gate grads
-        used, acts = [], []  # per used expert: (e, rows); h, a and (keep_y) y
+        # Gate at the narrower of the hidden and output widths (see the class docstring).
+        gate_a = gates is not None and w_out.shape[1] <= w_out.shape[2]
+        keep_y = gates is not None and not gate_a and ctx.needs_input_grad[1]
+        used, acts = [], []  # per used expert: (e, start, n); h, a and (keep_y) y
         start = 0
         for e, n in enumerate(counts):
             if not n:
                 continue
-            rows = slice(start, start + n)
-            xe = x.index_select(0, tok[rows])
+            te = tok.narrow(0, start, n)
+            xe = x.index_select(0, te)
             h = xe @ w_in[e] if b_in is None else torch.addmm(b_in[e], xe, w_in[e])
             a = activate(h, activation)
-            y = a @ w_out[e] if b_out is None else torch.addmm(b_out[e], a, w_out[e])
-            out.index_add_(0, tok[rows], y if gates is None else y * gates[rows, None])
-            used.append((e, rows))
+            if gate_a:
+                ge = gates.narrow(0, start, n).unsqueeze(1)
+                ag = a * ge
+                if b_out is None:
+                    y = ag @ w_out[e]
+                else:  # g * (a @ w + b) = (g * a) @ w + g * b
+                    y = torch.addmm(ge * b_out[e], ag, w_out[e])
+                out.index_add_(0, te, y)
+            else:
+                y = a @ w_out[e] if b_out is None else torch.addmm(b_out[e], a, w_out[e])
+                gy = y if gates is None else y * gates.narrow(0, start, n).unsqueeze(1)
+                out.index_add_(0, te, gy)
             acts += [h, a, y] if keep_y else [h, a]
+            used.append((e, start, n))
             start += n
         # Through save_for_backward, so saved-tensor hooks (offloading, memory probes) see all.
-        ctx.save_for_backward(x, gates, w_in, w_out, tok, *acts)
-        ctx.used, ctx.activation, ctx.keep_y = used, activation, keep_y
-        ctx.has_b_in, ctx.has_b_out = b_in is not None, b_out is not None
+        ctx.save_for_backward(x, gates, w_in, w_out, b_out, tok, *acts)
+        ctx.used, ctx.activation = used, activation
+        ctx.gate_a, ctx.keep_y = gate_a, keep_y
+        ctx.has_b_in = b_in is not None
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
-        x, gates, w_in, w_out, tok, *acts = ctx.saved_tensors
-        per = 3 if ctx.keep_y else 2
+        x, gates, w_in, w_out, b_out, tok, *acts = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad = grad.contiguous()
         grad_x = torch.zeros_like(x) if need[0] else None
-        grad_g = torch.empty_like(gates) if ctx.keep_y else None
+        grad_g = torch.empty_like(gates) if gates is not None and need[1] else None
         # Experts without tokens get zero gradients; the others are written whole below.
-        unused = sorted(set(range(w_in.shape[0])) - {e for e, _ in ctx.used})
+        unused = sorted(set(range(w_in.shape[0])) - {e for e, _, _ in ctx.used})
 
         def buffer(wanted: bool, *shape: int) -> torch.Tensor | None:
             if not wanted:
                 return None
             g = w_in.new_empty(shape)
-            g[unused] = 0
+            if unused:
+                g[unused] = 0
             return g
 
         n_experts, d, width = w_in.shape
         grad_w_in = buffer(need[2], n_experts, d, width)
         grad_w_out = buffer(need[3], *w_out.shape)
         grad_b_in = buffer(need[4] and ctx.has_b_in, n_experts, width)
-        grad_b_out = buffer(need[5] and ctx.has_b_out, n_experts, d)
-        for i, (e, rows) in enumerate(ctx.used):
+        grad_b_out = buffer(need[5] and b_out is not None, n_experts, d)
+        per = 3 if ctx.keep_y else 2
+        for i, (e, start, n) in enumerate(ctx.used):
             h, a = acts[i * per], acts[i * per + 1]
-            gy = grad.index_select(0, tok[rows])
-            if gates is not None:
+            te = tok.narrow(0, start, n)
+            ge = None if gates is None else gates.narrow(0, start, n).unsqueeze(1)
+            gy = grad.index_select(0, te)  # d out / d y, before the gate
+            if ge is not None and not ctx.gate_a:  # gate at the output width
                 if grad_g is not None:
-                    grad_g[rows] = (gy * acts[i * per + 2]).sum(1)
-                gy.mul_(gates[rows, None])
+                    grad_g[start : start + n] = torch.linalg.vecdot(gy, acts[i * per + 2])
+                gy.mul_(ge)
+                ge = None
+            # From here on the gate, if any left, applies to a: a^T (g * gy) = (g * a)^T gy.
             if grad_w_out is not None:
-                torch.mm(a.t(), gy, out=grad_w_out[e])
+                torch.mm((a if ge is None else a * ge).t(), gy, out=grad_w_out[e])
             if grad_b_out is not None:
-                torch.sum(gy, 0, out=grad_b_out[e])
-            gh = activate_backward(gy @ w_out[e].t(), h, ctx.activation)
+                if ge is None:
+                    torch.sum(gy, 0, out=grad_b_out[e])
+                else:
+                    torch.mv(gy.t(), ge.squeeze(1), out=grad_b_out[e])
+            u = gy @ w_out[e].t()  # d out / d a, before any gate left
+            if ge is not None:
+                if grad_g is not None:
+                    gg = torch.linalg.vecdot(u, a)
+                    if b_out is not None:
+                        gg += gy @ b_out[e]
+                    grad_g[start : start + n] = gg
+                u.mul_(ge)
+            gh = activate_backward(u, h, ctx.activation)
             if grad_w_in is not None:
-                torch.mm(x.index_select(0, tok[rows]).t(), gh, out=grad_w_in[e])
+                torch.mm(x.index_select(0, te).t(), gh, out=grad_w_in[e])
             if grad_b_in is not None:
                 torch.sum(gh, 0, out=grad_b_in[e])
             if grad_x is not None:
-                grad_x.index_add_(0, tok[rows], gh @ w_in[e].t())
+                grad_x.index_add_(0, te, gh @ w_in[e].t())
         return grad_x, grad_g, grad_w_in, grad_w_out, grad_b_in, grad_b_out, *[None] * 4
 
 

@@ -146,11 +146,12 @@ def train(
                 precision=t.precision,
             )
             record.update(val_loss=ev.loss, val_bpc=ev.bpc)
-            bar.write(
-                f"step {done}: train loss {result.loss:.4f}, "
-                f"val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}"
-                + ("" if ev.exact else " (estimate)")
-            )
+            if main:
+                bar.write(
+                    f"step {done}: train loss {result.loss:.4f}, "
+                    f"val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}"
+                    + ("" if ev.exact else " (estimate)")
+                )
         if main:
             metrics.log(record)
             wandb_run.log(record)
