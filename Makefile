@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention clean
+.PHONY: train test lint format bench-attention bench-moe clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ format: $(STAMP)
 
 bench-attention: $(STAMP)
 	$(PY) benchmarks/attention.py
+
+bench-moe: $(STAMP)
+	$(PY) benchmarks/moe.py --threads 1
 
 clean:
 	rm -rf $(VENV) data runs wandb
