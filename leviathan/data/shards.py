@@ -56,10 +56,6 @@ class DataIndex:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_path)
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The token stream of `split`, memory-mapped read-only."""
-        return _map_tokens(self, split)
-
     def split_path(self, split: str) -> Path:
         return self.dir / f"{split}.bin"
 
