@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
 from leviathan.errors import LeviathanError
+
+T = TypeVar("T")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -105,14 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_command(func: Callable[[T], None], arg: T) -> int:
+    """Run a command: a Leviathan error is one `error: ...` line and exit status 2."""
     try:
-        args.func(args)
+        func(arg)
     except LeviathanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(args.func, args)
 
 
 if __name__ == "__main__":

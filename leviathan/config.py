@@ -72,7 +72,17 @@ class TrainConfig:
     keep_last: int = 2
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     device: str = "auto"  # auto (cuda when available), cpu, cuda, cuda:1, ...
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast; master weights stay fp32
+    # bf16: autocast (torch) or bf16 weights with fp32 masters (DeepSpeed); fp16: DeepSpeed
+    # only, with dynamic loss scaling
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+@dataclass
+class ParallelConfig:
+    # auto: DeepSpeed when started by a distributed launcher (WORLD_SIZE set), else torch
+    engine: Literal["auto", "torch", "deepspeed"] = "auto"
+    zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +params
+    deepspeed: Any = field(default_factory=dict)  # extra DeepSpeed JSON, merged over the derived
 
 
 @dataclass
@@ -89,6 +99,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -298,6 +309,18 @@ def validate(cfg: Config) -> None:
         )
     if m.vocab_size is not None and m.vocab_size <= 0:
         raise ConfigError(f"model.vocab_size: must be positive, got {m.vocab_size}")
+    p = cfg.parallel
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage: must be 0, 1, 2 or 3, got {p.zero_stage}")
+    if not isinstance(p.deepspeed, dict):
+        raise ConfigError(
+            f"parallel.deepspeed: expected a mapping of DeepSpeed keys, got {p.deepspeed!r}"
+        )
+    if t.precision == "fp16" and p.engine == "torch":
+        raise ConfigError(
+            "train.precision: fp16 needs DeepSpeed's loss scaling (parallel.engine=deepspeed); "
+            "the torch engine supports fp32 and bf16"
+        )
     MIXERS[m.mixer.kind].check(m.mixer, m.d_model, m.n_head)
     FFNS[m.ffn.kind].check(m.ffn, m.d_model)
 

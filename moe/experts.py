@@ -166,9 +166,11 @@ class Experts(nn.Module):
     ep_rank*E_local .. (ep_rank+1)*E_local-1, so expert e starts identical for every
     ep_size. Rescaling w_out like a residual projection is the caller's business.
 
-    Every parameter is tagged `expert=True, allreduce=False, group_name="ep_size_<n>"`
-    (DeepSpeed's convention) so the trainer reduces its gradient over the
-    expert-data-parallel group instead of the whole world.
+    Every parameter is tagged `expert=True`. With ep_size > 1 the ranks hold different
+    experts, so they are also tagged `allreduce=False, group_name="ep_size_<n>"`
+    (DeepSpeed's convention): the trainer reduces their gradients over the
+    expert-data-parallel group instead of the whole world. With ep_size == 1 every rank
+    holds all experts and they are reduced like any replicated parameter.
     """
 
     def __init__(
@@ -197,8 +199,9 @@ class Experts(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(self.n_local, d_model)) if bias else None
         for p in self.parameters():
             p.expert = True  # type: ignore[attr-defined]
-            p.allreduce = False  # type: ignore[attr-defined]
-            p.group_name = f"ep_size_{ep_size}"  # type: ignore[attr-defined]
+            if ep_size > 1:
+                p.allreduce = False  # type: ignore[attr-defined]
+                p.group_name = f"ep_size_{ep_size}"  # type: ignore[attr-defined]
 
     def forward(
         self,

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@dataclass
-class Routing:
-    """What the router decided for T tokens (k = top_k, E = n_experts)."""
+class Routing(NamedTuple):
+    """What the router decided for T tokens (k = top_k, E = n_experts).
+
+    A NamedTuple, so wrappers that walk module outputs (ZeRO-3's backward hooks, which
+    gather the router weight for the backward pass) see the tensors inside.
+    """
 
     logits: torch.Tensor  # (T, E) raw router outputs, for the z-loss
     scores: torch.Tensor  # (T, E) softmax probabilities or sigmoid scores

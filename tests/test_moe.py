@@ -14,6 +14,7 @@ import moe
 from moe import MoE, MoEOptions, check_options
 from moe.balance import switch_aux_loss, z_loss
 from moe.dispatch import plan
+from moe.experts import Experts
 
 
 def mlp(x, w_in, w_out, activation, b_in=None, b_out=None):
@@ -289,8 +290,11 @@ def test_expert_parameters_are_tagged():
     layer = MoE(8, MoEOptions(n_experts=4, n_shared=1), bias=True)
     tagged = {n for n, p in layer.named_parameters() if getattr(p, "expert", False)}
     assert tagged == {"experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"}
-    for p in layer.experts.parameters():
-        assert p.allreduce is False and p.group_name == "ep_size_1"
+    for p in layer.experts.parameters():  # replicated with ep_size 1: reduced like the rest
+        assert not hasattr(p, "allreduce") and not hasattr(p, "group_name")
+    split = Experts(4, 8, 16, ep_size=2, ep_rank=1)
+    for p in split.parameters():  # split over ranks: reduced over the expert-data group
+        assert p.allreduce is False and p.group_name == "ep_size_2"
     assert layer.router.weight.dtype == torch.float32
     assert layer.to(torch.bfloat16).router.bias.dtype == torch.float32  # holds small updates
     # Each expert is drawn independently.

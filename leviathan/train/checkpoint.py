@@ -27,29 +27,50 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def save_checkpoint(root: Path, step: int, write: Callable[[Path], None], keep_last: int) -> Path:
-    """Call `write(tmp_dir)`, seal the folder with a manifest, publish it, prune old ones."""
-    root.mkdir(parents=True, exist_ok=True)
+def save_checkpoint(
+    root: Path,
+    step: int,
+    write: Callable[[Path], None],
+    keep_last: int,
+    rank: int = 0,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Call `write(tmp_dir)`, seal the folder with a manifest, publish it, prune old ones.
+
+    In a multi-rank run every rank calls this: all write their shards into the same
+    folder (on storage they share), and rank 0 alone seals and publishes it.
+    """
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     write(tmp)
+    barrier()
+    if rank == 0:
+        seal(tmp, step)
+        if final.exists():  # re-saving a step (e.g. after resume) replaces it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+        atomic_write_text(root / LATEST, final.name + "\n")
+        prune(root, keep_last)
+    barrier()
+    return final
+
+
+def seal(directory: Path, step: int) -> None:
+    """Write the manifest (size and SHA-256 of every file) and fsync everything."""
     manifest = {"step": step, "files": {}}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        rel = path.relative_to(tmp).as_posix()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(directory).as_posix()
         manifest["files"][rel] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         fsync_file(path)
-    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-    for sub in sorted({p.parent for p in tmp.rglob("*")}, key=lambda p: -len(p.parts)):
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
+    for sub in sorted({p.parent for p in directory.rglob("*")}, key=lambda p: -len(p.parts)):
         fsync_dir(sub)
-    if final.exists():  # re-saving a step (e.g. after resume) replaces it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
-    atomic_write_text(root / LATEST, final.name + "\n")
-    prune(root, keep_last)
-    return final
 
 
 def latest_checkpoint(root: Path) -> Path | None:

@@ -34,6 +34,10 @@ class Engine(Protocol):
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult: ...
 
+    def barrier(self) -> None: ...
+
+    def local_param_numel(self) -> int: ...
+
     def save(self, directory: Path) -> None: ...
 
     def load(self, directory: Path) -> None: ...
@@ -79,6 +83,12 @@ class TorchEngine:
         self.model.after_optimizer_step()
         n = len(micro_batches)
         return StepResult(loss=total / n, aux_loss=aux_total / n, grad_norm=float(grad_norm))
+
+    def barrier(self) -> None:
+        """One process: nothing to wait for."""
+
+    def local_param_numel(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
 
     def save(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / "model.pt")

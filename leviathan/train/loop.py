@@ -12,6 +12,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from tqdm import tqdm
 
 from leviathan.config import Config, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
+from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import CheckpointError, ConfigError
 from leviathan.model import Leviathan
 from leviathan.run import sample_text
 from leviathan.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
-from leviathan.train.device import resolve_device
 from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
@@ -37,6 +38,8 @@ EVAL_BATCH = 16
 @dataclass
 class TrainSummary:
     steps: int
+    params: int
+    parallel: dict  # engine, world_size, zero_stage, ep_size
     val_loss: float
     val_bpc: float
     unigram_bpc: float
@@ -56,47 +59,79 @@ def model_config_for(cfg: Config, index: DataIndex):
     return cfg.model
 
 
-def build_engine(cfg: Config, model: Leviathan) -> Engine:
+def build_engine(cfg: Config, model: Leviathan, world: World) -> Engine:
+    """Plain PyTorch in one process, or DeepSpeed on one rank of many: same protocol."""
     t = cfg.train
-    device = resolve_device(t.device)
-    return TorchEngine(model, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, device, t.precision)
+    if world.engine == "deepspeed":
+        from leviathan.distributed.engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, world)
+    return TorchEngine(
+        model, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, world.device, t.precision
+    )
 
 
 def train(
-    cfg: Config, *, resume: bool = False, stop_at: int | None = None, log=print
+    cfg: Config,
+    *,
+    resume: bool | Path = False,
+    stop_at: int | None = None,
+    log=print,
+    on_step: Callable[[dict], None] | None = None,
+    on_checkpoint: Callable[[Path, dict], None] | None = None,
 ) -> TrainSummary:
     """Train `cfg` to `train.max_steps`, evaluating, checkpointing and logging on the way.
 
     `stop_at` ends the session early after that step, with a checkpoint, as a job with
-    a time slot would; `resume=True` later continues it as if it had never stopped.
+    a time slot would; `resume=True` later continues it from the run's latest checkpoint
+    (or `resume=<folder>` from that one) as if it had never stopped, on any number of
+    ranks. Every rank calls this. `on_step(record)` and `on_checkpoint(folder, record)`
+    run on every rank, for a scheduler that wants the metrics and checkpoints (Ray).
     """
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    index = prepare(cfg.data, log=log)
+    world = init_world(cfg)
+    main = world.rank == 0
+    index = prepare(cfg.data, log=log if main else lambda _: None)  # locked: one rank builds
     model_cfg = model_config_for(cfg, index)
     torch.manual_seed(t.seed)
-    model = Leviathan(model_cfg)
-    engine = build_engine(cfg, model)
+    model = Leviathan(model_cfg, ep_group=world.ep_group)
+    n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
+    parallel = {
+        "engine": world.engine,
+        "world_size": world.world_size,
+        "zero_stage": cfg.parallel.zero_stage if world.engine == "deepspeed" else None,
+        "ep_size": ep_size_of(cfg),
+    }
+    if main:
+        log(
+            f"model: {n_params:,} parameters ({model.active_params():,} active), "
+            f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
+            f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
+            + ", ".join(f"{k} {v}" for k, v in parallel.items())
+        )
+    engine = build_engine(cfg, model, world)
+    parallel["local_params"] = engine.local_param_numel()  # this rank's; ZeRO-3: ~1/world
 
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
-    start_step = restore(engine, cfg, ckpt_root, log) if resume else 0
-    if not resume and latest_checkpoint(ckpt_root) is not None:
-        raise CheckpointError(
-            f"run.dir {run_dir} already holds checkpoints: pass --resume to continue it, "
-            "or choose another run.dir"
-        )
-    main = engine.rank == 0
+    if resume:
+        source = resume if isinstance(resume, Path) else latest_checkpoint(ckpt_root)
+        if source is None:
+            raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
+        start_step = restore(engine, cfg, source, log if main else lambda _: None)
+    else:
+        start_step = 0
+        if latest_checkpoint(ckpt_root) is not None:
+            raise CheckpointError(
+                f"run.dir {run_dir} already holds checkpoints: pass --resume to continue it, "
+                "or choose another run.dir"
+            )
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(index.tokenizer_path, run_dir / "tokenizer.model")
-        log(
-            f"model: {model.num_params():,} parameters ({model.active_params():,} active), "
-            f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
-            f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}"
-        )
 
     train_tokens = load_tokens(index.dir, "train")
     val_tokens = load_tokens(index.dir, "val")
@@ -106,7 +141,9 @@ def train(
 
     metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if main else None
     wandb_run = (
-        WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict()) if main else None
+        WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict() | parallel)
+        if main
+        else None
     )
     bar = tqdm(
         total=t.max_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True
@@ -157,21 +194,30 @@ def train(
             wandb_run.log(record)
             bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
+        if on_step:
+            on_step(record)
         if done % t.ckpt_interval == 0 or done == end_step:
-            save_checkpoint(
-                ckpt_root, done, functools.partial(write_state, engine, cfg, done), t.keep_last
+            folder = save_checkpoint(
+                ckpt_root,
+                done,
+                functools.partial(write_state, engine, cfg, done),
+                t.keep_last,
+                engine.rank,
+                engine.barrier,
             )
+            if on_checkpoint:
+                on_checkpoint(folder, record)
     bar.close()
     wall = time.perf_counter() - started
     steps_run = end_step - start_step
 
     final = evaluate(model, val_tokens, t.seq_len, EVAL_BATCH, val_chars, precision=t.precision)
     baseline = unigram_bpc(train_tokens, val_tokens, index.vocab_size, val_chars)
-    sample = ""
+    # every rank samples: under ZeRO-3 each forward gathers parameters from all of them
+    sample = sample_text(
+        model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed
+    )
     if main:
-        sample = sample_text(
-            model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed
-        )
         (run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
         if model.sparse_layers():
@@ -181,6 +227,8 @@ def train(
         wandb_run.finish()
     summary = TrainSummary(
         steps=end_step,
+        params=n_params,
+        parallel=parallel,
         val_loss=final.loss,
         val_bpc=final.bpc,
         unigram_bpc=baseline,
@@ -196,23 +244,36 @@ def train(
 
 
 def write_state(engine: Engine, cfg: Config, step: int, directory: Path) -> None:
-    """Everything a resume needs: engine state, the loop's step and RNG, the config."""
+    """Everything a resume needs: engine state, the loop's step, every rank's RNG, config."""
     engine.save(directory)
-    torch.save({"step": step, "torch_rng": torch.get_rng_state()}, directory / "trainer.pt")
-    (directory / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1), encoding="utf-8")
+    torch.save(torch.get_rng_state(), directory / f"rng_rank{engine.rank}.pt")
+    if engine.rank == 0:
+        torch.save({"step": step, "world_size": engine.world_size}, directory / "trainer.pt")
+        (directory / "config.json").write_text(
+            json.dumps(cfg.to_dict(), indent=1), encoding="utf-8"
+        )
 
 
-def restore(engine: Engine, cfg: Config, ckpt_root: Path, log) -> int:
-    """Load the latest checkpoint into `engine`; return the step it was taken at."""
-    directory = latest_checkpoint(ckpt_root)
-    if directory is None:
-        raise CheckpointError(f"--resume: no checkpoint in {ckpt_root}")
+def restore(engine: Engine, cfg: Config, directory: Path, log) -> int:
+    """Load checkpoint `directory` into `engine`; return the step it was taken at.
+
+    The data position is the step itself (batches are a function of the step). The RNG
+    of each rank is restored when the world size is unchanged; on another world size
+    dropout masks cannot continue bit for bit, so each rank reseeds from (seed, step).
+    """
     verify_checkpoint(directory)
     check_same_model(json.loads((directory / "config.json").read_text())["model"], cfg, directory)
     engine.load(directory)
     state = torch.load(directory / "trainer.pt", weights_only=True)
-    torch.set_rng_state(state["torch_rng"])
-    log(f"resumed from {directory} at step {state['step']}")
+    rng = directory / f"rng_rank{engine.rank}.pt"
+    if state["world_size"] == engine.world_size and rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True))
+    else:
+        torch.manual_seed(hash((cfg.train.seed, state["step"], engine.rank)) % 2**63)
+    log(
+        f"resumed from {directory} at step {state['step']} "
+        f"({state['world_size']} -> {engine.world_size} ranks)"
+    )
     return state["step"]
 
 

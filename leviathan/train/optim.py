@@ -14,8 +14,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
     return [
-        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+        {
+            "name": "decay",
+            "params": [p for p in params if id(p) in decay],
+            "weight_decay": weight_decay,
+        },
+        {
+            "name": "no_decay",
+            "params": [p for p in params if id(p) not in decay],
+            "weight_decay": 0.0,
+        },
     ]
 
 

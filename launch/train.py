@@ -1,0 +1,79 @@
+"""Train Leviathan under any launcher; the same loop runs in every case.
+
+    python launch/train.py --config configs/tiny.yaml            # one process, plain engine
+    deepspeed --num_gpus 8 launch/train.py --config ...          # DeepSpeed, one box
+    deepspeed --hostfile hosts launch/train.py --config ...      # DeepSpeed, many boxes
+    torchrun --nproc_per_node 8 launch/train.py --config ...     # DeepSpeed under torchrun
+    python launch/train.py --hostfile hosts --config ...         # checks the hosts, then
+                                                                 # starts `deepspeed` itself
+
+Under a launcher every rank runs this file; the engine is DeepSpeed (ZeRO stage from
+`parallel.zero_stage`). Started plainly it is one process with the plain PyTorch engine
+unless `parallel.engine=deepspeed` asks for a one-rank DeepSpeed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from leviathan.cli import add_config_args, run_command  # noqa: E402
+from leviathan.config import load_config  # noqa: E402
+from leviathan.distributed.hosts import check_hostfile  # noqa: E402
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument(
+        "--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP"
+    )
+    parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    parser.add_argument("--hostfile", help="check these hosts, then start `deepspeed` on them")
+    parser.add_argument("--num-gpus", type=int, help="start `deepspeed --num_gpus N` on this box")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return parser.parse_args(argv)
+
+
+def relaunch_under_deepspeed(args: argparse.Namespace, argv: list[str]) -> None:
+    """`--hostfile` / `--num-gpus` from a plain start: check, then exec the launcher."""
+    launcher = ["deepspeed"]
+    rest, skip = [], False
+    for item in argv:  # drop our launcher flags, keep everything else
+        if skip:
+            skip = False
+            continue
+        if item in ("--hostfile", "--num-gpus"):
+            skip = True
+            continue
+        if item.startswith(("--hostfile=", "--num-gpus=")):
+            continue
+        rest.append(item)
+    if args.hostfile:
+        check_hostfile(Path(args.hostfile))
+        launcher += ["--hostfile", args.hostfile]
+    if args.num_gpus:
+        launcher += ["--num_gpus", str(args.num_gpus)]
+    os.execvp(launcher[0], [*launcher, __file__, *rest])
+
+
+def main(argv: list[str]) -> None:
+    args = parse_args(argv)
+    if (args.hostfile or args.num_gpus) and "WORLD_SIZE" not in os.environ:
+        relaunch_under_deepspeed(args, argv)
+    from leviathan.train.loop import train
+
+    overrides = list(args.overrides) + ([f"run.wandb={args.wandb}"] if args.wandb else [])
+    cfg = load_config(args.config, overrides)
+    summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    if summary.parallel["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(f"final val BPC {summary.val_bpc:.4f} after {summary.steps} steps")
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main, sys.argv[1:]))

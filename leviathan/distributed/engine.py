@@ -1,0 +1,203 @@
+"""DeepSpeed under the one training loop: the loop's Engine protocol over a DeepSpeed engine.
+
+ZeRO stages 0-3, fp32 / bf16 / fp16, gradient accumulation and clipping are DeepSpeed's;
+the learning rate comes from the loop every step. A checkpoint is DeepSpeed's own sharded
+one (`deepspeed/`, every rank writes its shard) plus `engine.json` with the layout it was
+written with, so a checkpoint from N ranks can be resumed on M: it is first converted to
+DeepSpeed's universal (layout-free) format, then loaded into the new layout.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leviathan.config import Config
+from leviathan.distributed.ds_config import deepspeed_config
+from leviathan.distributed.world import World, ep_size_of
+from leviathan.errors import CheckpointError
+from leviathan.train.engine import Batch, StepResult
+from leviathan.train.optim import param_groups
+
+TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
+LAYOUT = "engine.json"
+
+
+class DeepSpeedEngine:
+    """One rank of a DeepSpeed run; all ranks call every method together."""
+
+    def __init__(self, model: nn.Module, cfg: Config, world: World):
+        self.model = model
+        self.rank, self.world_size, self.device = world.rank, world.world_size, world.device
+        self.layout = {
+            "engine": "deepspeed",
+            "world_size": world.world_size,
+            "zero_stage": cfg.parallel.zero_stage,
+            "ep_size": ep_size_of(cfg),
+            "precision": cfg.train.precision,
+        }
+        self.grad_accum = cfg.train.grad_accum
+        self.config = deepspeed_config(cfg, on_gpu=world.device.type == "cuda")
+        self.ds = build_deepspeed(model, cfg.train.weight_decay, self.config, self.layout)
+
+    def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(
+                f"{len(micro_batches)} micro-batches, DeepSpeed expects "
+                f"{self.grad_accum} (train.grad_accum)"
+            )
+        self.ds.train()
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(2, dtype=torch.float64)
+        for x, y in micro_batches:
+            _, loss = self.ds(x.to(self.device), y.to(self.device))
+            aux = self.model.aux_loss()
+            self.ds.backward(loss + aux)
+            self.ds.step()  # steps the optimizer only at the accumulation boundary
+            sums += torch.tensor([loss.item(), float(aux)], dtype=torch.float64)
+        self.model.after_optimizer_step()
+        dist.all_reduce(sums)  # report the whole world's mean, as one rank would see it
+        mean = sums / (len(micro_batches) * self.world_size)
+        norm = self.ds.get_global_grad_norm()
+        return StepResult(
+            loss=float(mean[0]),
+            aux_loss=float(mean[1]),
+            grad_norm=float("nan") if norm is None else float(norm),
+        )
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def local_param_numel(self) -> int:
+        """Parameter elements this rank holds: under ZeRO-3 about 1/world of the model."""
+        return sum(
+            p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            for p in self.model.parameters()
+        )
+
+    def save(self, directory: Path) -> None:
+        self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        if self.rank == 0:
+            (directory / LAYOUT).write_text(json.dumps(self.layout, indent=1), encoding="utf-8")
+
+    def load(self, directory: Path) -> None:
+        saved = read_layout(directory)
+        if saved.get("engine") != "deepspeed":
+            raise CheckpointError(
+                f"checkpoint {directory} was written by the {saved.get('engine')} engine; "
+                "resume it with parallel.engine=torch (a plain process)"
+            )
+        if saved["ep_size"] != self.layout["ep_size"]:
+            raise CheckpointError(
+                f"checkpoint {directory} splits experts over ep_size={saved['ep_size']}, "
+                f"this run over {self.layout['ep_size']}"
+            )
+        same = all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
+        if same or saved["zero_stage"] == 0 == self.layout["zero_stage"]:
+            load_native(self.ds, directory)
+            return
+        if self.layout["ep_size"] > 1:
+            raise CheckpointError(
+                f"checkpoint {directory} has {saved['world_size']} ranks at ZeRO-"
+                f"{saved['zero_stage']}; an expert-parallel run resumes only on the same layout"
+            )
+        self.load_resharded(directory)
+
+    def load_resharded(self, directory: Path) -> None:
+        """Another world size or ZeRO stage: via DeepSpeed's universal checkpoint."""
+        universal = directory.parent / f".universal-{directory.name}"
+        if self.rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
+            to_universal(directory / TAG, universal / TAG)
+        dist.barrier()
+        self.ds._config.load_universal_checkpoint = True
+        try:
+            load_native(self.ds, universal)
+        finally:
+            self.ds._config.load_universal_checkpoint = False
+            dist.barrier()
+            if self.rank == 0:
+                shutil.rmtree(universal, ignore_errors=True)
+
+
+def build_deepspeed(model: nn.Module, weight_decay: float, config: dict, layout: dict):
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    groups = param_groups(model, weight_decay)
+    if layout["ep_size"] > 1:  # experts in their own groups, reduced over expert-data ranks
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    engine_class = expert_parallel_engine() if layout["ep_size"] > 1 else plain_engine()
+    return engine_class(
+        args=None,
+        model=model,
+        model_parameters=groups,
+        config=config,
+        config_class=DeepSpeedConfig(config),
+    )
+
+
+def plain_engine() -> type:
+    from deepspeed.runtime.engine import DeepSpeedEngine as Base
+
+    return Base
+
+
+def expert_parallel_engine() -> type:
+    """DeepSpeed's engine, told that the model has expert-parallel layers.
+
+    DeepSpeed recognises only its own MoE class; ours tags its split expert parameters
+    the DeepSpeed way (`allreduce=False`, `group_name`), and this flag makes the engine
+    and ZeRO-1/2 reduce and partition them within their expert-data-parallel groups.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine as Base
+
+    class ExpertParallelEngine(Base):
+        def _configure_distributed_model(self, model: nn.Module) -> None:
+            super()._configure_distributed_model(model)
+            self.has_moe_layers = True
+            self.num_experts = [ffn.options.n_experts for ffn in model.sparse_layers()]
+
+    return ExpertParallelEngine
+
+
+def load_native(ds: Any, directory: Path) -> None:
+    path, _ = ds.load_checkpoint(
+        str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed could not load the checkpoint in {directory / TAG}")
+
+
+def read_layout(directory: Path) -> dict:
+    try:
+        return json.loads((directory / LAYOUT).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {"engine": "torch"}
+
+
+def to_universal(source: Path, target: Path) -> None:
+    """Convert one DeepSpeed checkpoint folder into the universal format."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    main(
+        Namespace(
+            input_folder=str(source),
+            output_folder=str(target),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
+    )

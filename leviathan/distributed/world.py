@@ -1,0 +1,112 @@
+"""The process world a run lives in: one plain process, or one rank of many.
+
+A distributed launcher (`deepspeed`, `torchrun`, Ray Train) starts every rank with
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR in the environment, or has already
+initialised torch.distributed; a plain `python` start has neither and stays one process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from leviathan.config import Config
+from leviathan.errors import ConfigError
+from leviathan.train.device import resolve_device
+
+
+@dataclass
+class World:
+    engine: str  # "torch" or "deepspeed"
+    rank: int
+    world_size: int
+    device: torch.device
+    ep_group: object | None = None  # the expert-parallel group (ffn.ep_size > 1)
+
+
+def launched_distributed() -> bool:
+    import torch.distributed as dist
+
+    return "WORLD_SIZE" in os.environ or (dist.is_available() and dist.is_initialized())
+
+
+def engine_kind(cfg: Config) -> str:
+    """`parallel.engine`, with `auto` resolved: DeepSpeed when launched as ranks."""
+    if cfg.parallel.engine != "auto":
+        return cfg.parallel.engine
+    return "deepspeed" if launched_distributed() else "torch"
+
+
+def ep_size_of(cfg: Config) -> int:
+    return getattr(cfg.model.ffn, "ep_size", 1)
+
+
+def check_parallel(cfg: Config, engine: str, world_size: int) -> None:
+    """Refuse layouts that cannot run, naming the key: before any rank builds a model."""
+    ep, stage = ep_size_of(cfg), cfg.parallel.zero_stage
+    if engine == "torch" and ep > 1:
+        raise ConfigError(
+            f"model.ffn.ep_size: {ep} splits experts over ranks, which needs a distributed "
+            "launch (deepspeed / torchrun / Ray); a plain process has one"
+        )
+    if engine == "torch" and stage > 0:
+        raise ConfigError(
+            f"parallel.zero_stage: {stage} needs the DeepSpeed engine "
+            "(parallel.engine=deepspeed or a distributed launcher)"
+        )
+    if world_size % ep:
+        raise ConfigError(
+            f"model.ffn.ep_size: {ep} does not divide the world size {world_size}: "
+            "every expert-parallel group needs ep_size ranks"
+        )
+    if ep > 1 and stage == 3:
+        raise ConfigError(
+            f"model.ffn.ep_size: {ep} with parallel.zero_stage 3 is not supported: ZeRO-3 "
+            "would shard each rank's own experts over ranks that do not hold them; use "
+            "zero_stage 1 or 2 with expert parallelism, or ep_size 1 with ZeRO-3"
+        )
+
+
+def init_world(cfg: Config) -> World:
+    """Resolve the engine, join the process group when there is one, make the EP groups."""
+    engine = engine_kind(cfg)
+    if engine == "torch":
+        check_parallel(cfg, engine, 1)
+        return World("torch", 0, 1, resolve_device(cfg.train.device))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "WORLD_SIZE" not in os.environ and not torch.distributed.is_initialized():
+        # one DeepSpeed rank started as a plain process: no MPI discovery needed
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    import deepspeed
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    check_parallel(cfg, engine, world_size)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    ep_group = None
+    ep = ep_size_of(cfg)
+    if ep > 1:
+        from deepspeed.utils import groups
+
+        groups._create_expert_and_data_parallel(ep)
+        ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
+    return World("deepspeed", rank, world_size, device, ep_group)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

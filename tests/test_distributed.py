@@ -1,0 +1,172 @@
+"""DeepSpeed under the one loop, for real: `deepspeed --num_gpus 2 launch/train.py` on gloo.
+
+Every run here is a real launch of separate processes on loopback. The oracle is the
+plain one-process engine in this process: with dropout off, 2 ranks with micro-batch b
+take the same steps as 1 rank with micro-batch b and 2 accumulation steps (same global
+batch, same seed), so their losses agree to float tolerance, at every ZeRO stage, for
+expert parallelism, and across a resume on another number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from leviathan.config import config_from_dict, load_config
+from leviathan.data import bundled_documents
+from leviathan.distributed.world import check_parallel
+from leviathan.errors import ConfigError
+from leviathan.train.loop import train
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+STEPS, LOSS_TOL = 8, 2e-4
+MOE = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden_mult": 2.0}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> dict:
+    """A tiny model on three plays, its dataset prepared once for every launch."""
+    root = tmp_path_factory.mktemp("dist")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for doc in bundled_documents()[:3]:
+        (corpus / f"{Path(doc.name).stem}.txt").write_text(doc.text[:60_000], encoding="utf-8")
+    raw = {
+        "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.0},
+        "data": {
+            "inputs": [str(corpus)],
+            "dir": str(root / "data"),
+            "tokenizer": {"vocab_size": 384},
+        },
+        "train": {
+            "seq_len": 32,
+            "micro_batch_size": 4,
+            "max_steps": STEPS,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "eval_interval": STEPS,
+            "eval_tokens": 512,
+            "ckpt_interval": 4,
+            "threads": 1,
+        },
+        "run": {"wandb": "disabled", "sample_tokens": 4},
+    }
+    config_from_dict(raw)  # valid before anything launches
+    return {"root": root, "raw": raw}
+
+
+def config_file(base: dict, name: str, ffn: dict | None = None) -> Path:
+    raw = json.loads(json.dumps(base["raw"]))
+    if ffn:
+        raw["model"]["ffn"] = ffn
+    path = base["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
+
+
+def launch(config: Path, ranks: int, run_dir: Path, *overrides: str, flags=(), check=True):
+    """`deepspeed --num_gpus N launch/train.py` (N > 1) or a plain one-rank DeepSpeed start."""
+    args = ["--config", str(config), f"run.dir={run_dir}", *overrides, *flags]
+    if ranks == 1:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), *args, "parallel.engine=deepspeed"]
+    else:
+        port = str(29500 + os.getpid() % 2000)
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            port,
+            str(REPO / "launch/train.py"),
+            *args,
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check and done.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+        )
+    return done
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))  # none repeated
+    return [r["train_loss"] for r in records]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def oracle(base) -> dict[str, list[float]]:
+    """One process, plain engine, micro-batch 4 x 2 accumulation steps."""
+    out = {}
+    for name, ffn in (("dense", None), ("moe", MOE)):
+        run_dir = base["root"] / f"oracle-{name}"
+        cfg = load_config(
+            config_file(base, name, ffn),
+            [f"run.dir={run_dir}", "train.grad_accum=2", "parallel.engine=torch"],
+        )
+        train(cfg, log=lambda _: None)
+        out[name] = losses(run_dir)
+    return out
+
+
+def assert_same_curve(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want) == STEPS
+    assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < LOSS_TOL, (got, want)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_on_two_ranks_equal_one_rank_with_accumulation(base, oracle, stage):
+    run_dir = base["root"] / f"dense-z{stage}"
+    launch(config_file(base, "dense"), 2, run_dir, f"parallel.zero_stage={stage}")
+    curve = losses(run_dir)
+    assert curve[-1] < curve[0] - 0.3  # it learns
+    assert_same_curve(curve, oracle["dense"])
+    run = summary(run_dir)
+    assert run["parallel"]["world_size"] == 2 and run["parallel"]["zero_stage"] == stage
+    if stage == 3:  # every rank holds about half of every parameter
+        assert 0.45 * run["params"] < run["parallel"]["local_params"] < 0.55 * run["params"]
+    else:
+        assert run["parallel"]["local_params"] == run["params"]
+
+
+def test_moe_expert_parallel_and_zero3(base, oracle):
+    config = config_file(base, "moe", MOE)
+    runs = {
+        "ep1-z2": ("parallel.zero_stage=2",),
+        "ep2-z2": ("parallel.zero_stage=2", "model.ffn.ep_size=2"),
+        "ep1-z3": ("parallel.zero_stage=3",),
+    }
+    for name, overrides in runs.items():
+        launch(config, 2, base["root"] / f"moe-{name}", *overrides)
+        assert_same_curve(losses(base["root"] / f"moe-{name}"), oracle["moe"])
+    assert summary(base["root"] / "moe-ep2-z2")["parallel"]["ep_size"] == 2
+
+
+def test_check_parallel_refuses_impossible_layouts(base):
+    cfg = load_config(config_file(base, "moe", MOE), ["model.ffn.ep_size=2"])
+    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 does not divide the world size 3"):
+        check_parallel(cfg, "deepspeed", 3)
+    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 with parallel.zero_stage 3"):
+        check_parallel(
+            load_config(
+                config_file(base, "moe", MOE), ["model.ffn.ep_size=2", "parallel.zero_stage=3"]
+            ),
+            "deepspeed",
+            2,
+        )
+    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 splits experts"):
+        check_parallel(cfg, "torch", 1)
+    with pytest.raises(ConfigError, match="^parallel.zero_stage: must be 0, 1, 2 or 3, got 4"):
+        load_config(config_file(base, "dense"), ["parallel.zero_stage=4"])
