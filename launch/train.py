@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hostfile", help="check these hosts, then start `deepspeed` on them")
     parser.add_argument("--num-gpus", type=int, help="start `deepspeed --num_gpus N` on this box")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def relaunch_under_deepspeed(args: argparse.Namespace, argv: list[str]) -> None:

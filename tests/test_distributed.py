@@ -170,3 +170,21 @@ def test_check_parallel_refuses_impossible_layouts(base):
         check_parallel(cfg, "torch", 1)
     with pytest.raises(ConfigError, match="^parallel.zero_stage: must be 0, 1, 2 or 3, got 4"):
         load_config(config_file(base, "dense"), ["parallel.zero_stage=4"])
+
+
+@pytest.mark.parametrize("name,stage", [("dense", 2), ("dense", 3), ("moe", 2), ("moe", 3)])
+def test_resume_on_another_number_of_ranks(base, oracle, name, stage):
+    """2 ranks to step 3, 1 rank (2 accumulation steps) to step 6, 2 ranks to the end: the
+    loss curve is the uninterrupted one, so weights, optimizer state and data position
+    all crossed both changes of layout intact."""
+    config = config_file(base, name, MOE if name == "moe" else None)
+    run_dir = base["root"] / f"resume-{name}-z{stage}"
+    zero = f"parallel.zero_stage={stage}"
+    launch(config, 2, run_dir, zero, flags=["--stop-at", "3"])
+    one = launch(
+        config, 1, run_dir, zero, "train.grad_accum=2", flags=["--resume", "--stop-at", "6"]
+    )
+    assert "(2 -> 1 ranks)" in one.stdout + one.stderr
+    two = launch(config, 2, run_dir, zero, flags=["--resume"])
+    assert "(1 -> 2 ranks)" in two.stdout + two.stderr
+    assert_same_curve(losses(run_dir), oracle[name])

@@ -118,13 +118,32 @@ class DeepSpeedEngine:
             to_universal(directory / TAG, universal / TAG)
         dist.barrier()
         self.ds._config.load_universal_checkpoint = True
+        hyper = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups
+        ]
         try:
             load_native(self.ds, universal)
+            repair_zero3_universal_load(self.ds.optimizer, hyper)
         finally:
             self.ds._config.load_universal_checkpoint = False
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
+
+
+def repair_zero3_universal_load(optimizer: Any, hyper: list[dict]) -> None:
+    """Undo two slips of DeepSpeed's ZeRO-3 universal loader (0.19.8).
+
+    It gives every parameter group the first group's hyperparameters (weight decay on
+    norms and embeddings): ours come back from before the load. And it hands one `step`
+    tensor to every partition's state, which torch's AdamW then increments in place once
+    per partition per step, skewing the bias correction: each gets its own copy.
+    """
+    for group, values in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(values)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def build_deepspeed(model: nn.Module, weight_decay: float, config: dict, layout: dict):
