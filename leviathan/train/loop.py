@@ -23,6 +23,7 @@ from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.errors import CheckpointError, ConfigError
 from leviathan.model import Leviathan
 from leviathan.run import sample_text
+from leviathan.train import mfu
 from leviathan.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from leviathan.train.device import resolve_device
 from leviathan.train.engine import Engine, TorchEngine
@@ -63,12 +64,19 @@ def build_engine(cfg: Config, model: Leviathan) -> Engine:
 
 
 def train(
-    cfg: Config, *, resume: bool = False, stop_at: int | None = None, log=print
+    cfg: Config,
+    *,
+    resume: bool = False,
+    stop_at: int | None = None,
+    stop_after_s: float | None = None,
+    log=print,
 ) -> TrainSummary:
     """Train `cfg` to `train.max_steps`, evaluating, checkpointing and logging on the way.
 
     `stop_at` ends the session early after that step, with a checkpoint, as a job with
     a time slot would; `resume=True` later continues it as if it had never stopped.
+    `stop_after_s` likewise ends it after the first step that finishes that many seconds
+    into this session's training (a wall-clock budget; one process only).
     """
     t = cfg.train
     if t.threads:
@@ -88,13 +96,17 @@ def train(
             "or choose another run.dir"
         )
     main = engine.rank == 0
+    if stop_after_s is not None and engine.world_size > 1:
+        raise ConfigError("stop_after_s: ranks' clocks would disagree; use one process")
+    flops_per_token = model.flops_per_token(t.seq_len)
+    peak = mfu.peak_flops(next(model.parameters()).device, t.precision, t.peak_flops)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(index.tokenizer_path, run_dir / "tokenizer.model")
         log(
             f"model: {model.num_params():,} parameters ({model.active_params():,} active), "
-            f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
+            f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
             f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}"
         )
 
@@ -132,6 +144,9 @@ def train(
             "tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
             "elapsed_s": time.perf_counter() - started,
         }
+        record.update(
+            mfu.throughput(record["tokens_per_s"], flops_per_token, peak, engine.world_size)
+        )
         routing = model.pop_layer_metrics()
         if routing:
             record.update(aux_loss=result.aux_loss, moe=routing)
@@ -155,12 +170,20 @@ def train(
         if main:
             metrics.log(record)
             wandb_run.log(record)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{result.loss:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                **mfu.postfix(record),
+            )
             bar.update(1)
-        if done % t.ckpt_interval == 0 or done == end_step:
+        out_of_time = stop_after_s is not None and time.perf_counter() - started >= stop_after_s
+        if done % t.ckpt_interval == 0 or done == end_step or out_of_time:
             save_checkpoint(
                 ckpt_root, done, functools.partial(write_state, engine, cfg, done), t.keep_last
             )
+        if out_of_time:
+            end_step = done
+            break
     bar.close()
     wall = time.perf_counter() - started
     steps_run = end_step - start_step
