@@ -167,11 +167,17 @@ def inspect_run(
     return Inspection(kernels, distance, json_path)
 
 
+def text_style(value: float, limit: float) -> dict[str, str]:
+    """Centred cell labels, white on the dark ends of the colour map."""
+    color = "white" if abs(value) > 0.6 * limit else "black"
+    return {"ha": "center", "va": "center", "color": color}
+
+
 def plot_token_kernels(kernels: np.ndarray, title: str, path: Path) -> Path:
     layers, heads, window_q, window_k = kernels.shape
     limit = float(np.abs(kernels).max()) or 1.0
     size = (1.5 + 0.5 * heads * max(window_k, 2), 0.8 + 0.5 * layers * max(window_q, 2))
-    fig, axes = plt.subplots(layers, heads, figsize=size, squeeze=False)
+    fig, axes = plt.subplots(layers, heads, figsize=size, squeeze=False, layout="constrained")
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer, head]
@@ -179,7 +185,7 @@ def plot_token_kernels(kernels: np.ndarray, title: str, path: Path) -> Path:
             image = ax.imshow(w, cmap="RdBu_r", vmin=-limit, vmax=limit)
             if window_q * window_k <= 64:
                 for (a, b), value in np.ndenumerate(w):
-                    ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=6)
+                    ax.text(b, a, f"{value:.2f}", fontsize=6, **text_style(value, limit))
             ax.set_xticks(range(window_k))
             ax.set_yticks(range(window_q))
             ax.tick_params(labelsize=6)
@@ -200,7 +206,8 @@ def plot_channel_weights(alpha: np.ndarray, title: str, path: Path) -> Path:
     layers, heads, width = alpha.shape
     lags = (width - 1) // 2
     limit = float(np.abs(alpha).max()) or 1.0
-    fig, axes = plt.subplots(layers, 1, figsize=(1.5 + 0.6 * width, 0.8 + 0.4 * heads * layers))
+    size = (3.0 + 0.7 * width, 1.0 + (0.6 + 0.35 * heads) * layers)
+    fig, axes = plt.subplots(layers, 1, figsize=size, layout="constrained")
     axes = np.atleast_1d(axes)
     for layer, ax in enumerate(axes):
         image = ax.imshow(
@@ -212,11 +219,12 @@ def plot_channel_weights(alpha: np.ndarray, title: str, path: Path) -> Path:
             extent=(-lags - 0.5, lags + 0.5, heads - 0.5, -0.5),
         )
         for (head, i), value in np.ndenumerate(alpha[layer]):
-            ax.text(i - lags, head, f"{value:.2f}", ha="center", va="center", fontsize=6)
+            ax.text(i - lags, head, f"{value:.2f}", fontsize=6, **text_style(value, limit))
         ax.set_yticks(range(heads))
         ax.set_xticks(range(-lags, lags + 1))
         ax.set_ylabel(f"layer {layer}\nhead", fontsize=7)
-    axes[-1].set_xlabel("channel lag tau")
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("channel lag tau", fontsize=8)
     fig.colorbar(image, ax=list(axes), shrink=0.6, label="alpha_tau")
     fig.suptitle(f"channel-lag weights: {title}", fontsize=9)
     fig.savefig(path, dpi=110)
