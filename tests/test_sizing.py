@@ -109,3 +109,17 @@ def test_cli_params_prints_counts_and_the_override(capsys):
     argv = ["params", "configs/small.yaml", "--match", "configs/tiny.yaml"]
     assert main([*argv, "--vary", "model.ffn.hidden_mult"]) == 2
     assert "error: model.ffn.hidden_mult cannot bring" in capsys.readouterr().err
+
+
+def test_study_configs_are_matched_in_size_and_share_their_data():
+    names = ["dot", "xcorr-w2", "xcorr-w4", "channel", "moe"]
+    cfgs = {n: load_config(f"configs/study-{n}.yaml") for n in names}
+    reference = model_size(cfgs["xcorr-w4"])
+    for name in ["dot", "xcorr-w2", "channel"]:
+        assert abs(model_size(cfgs[name]).total / reference.total - 1) <= 0.02, name
+    moe = model_size(cfgs["moe"])
+    assert abs(moe.active / reference.active - 1) <= 0.02
+    assert cfgs["moe"].model.ffn.n_experts == 8 and cfgs["moe"].model.ffn.top_k == 2
+    for cfg in cfgs.values():  # what `leviathan compare` requires
+        assert cfg.to_dict()["data"] == cfgs["dot"].to_dict()["data"]
+        assert cfg.to_dict()["train"] == cfgs["dot"].to_dict()["train"]
