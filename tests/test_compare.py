@@ -188,11 +188,16 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(configs, tmp_path):
 
 
 def test_minutes_budget_stops_on_the_clock(configs, tmp_path):
-    result = compare([configs["dot"]], seeds=1, budget="minutes=1e-9", out=tmp_path, **QUIET)
+    peak = ["train.peak_flops=1e9"]  # a known peak: the records carry MFU, on a CPU too
+    result = compare(
+        [configs["dot"]], seeds=1, budget="minutes=1e-9", out=tmp_path, overrides=peak, **QUIET
+    )
     (run,) = result.configs[0].runs
     assert run.status == "trained" and run.steps == 1  # time is up after the first step
     summary = json.loads((tmp_path / "runs" / "dot-s0" / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["val_bpc"] == run.final_val_bpc
+    (record,) = [json.loads(x) for x in (tmp_path / "runs" / "dot-s0" / "metrics.jsonl").open()]
+    assert record["mfu"] == pytest.approx(record["flops_per_s"] / 1e9)
 
 
 def test_tokens_budget_converts_to_steps(configs, tmp_path):
