@@ -167,10 +167,14 @@ def test_cli_exits_nonzero_when_a_run_failed(first):
     assert "results.md" in done.stdout
 
 
-def test_a_changed_budget_is_refused_before_any_training(first):
+def test_a_changed_budget_or_config_is_refused_before_any_training(first):
     out, paths, _ = first
     with pytest.raises(CompareError, match=r"dot-s0 holds a run of another config or budget"):
         compare(paths[1:2], seeds=1, budget="steps=4", out=out, **QUIET)
+    with pytest.raises(
+        CompareError, match=r"another config or budget \(train\.eval_interval: 2 vs 3"
+    ):
+        compare(paths[1:2], seeds=1, budget="steps=3", out=out, overrides=["train.eval_interval=3"])
     assert json.loads((out / "runs" / "dot-s0" / MARKER).read_text())["budget"] == "steps=3"
 
 

@@ -28,7 +28,7 @@ import json
 import math
 import statistics
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -228,7 +228,7 @@ def plan(
     seeds: list[int],
     budget: Budget,
     out: Path,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     wandb: str = "disabled",
 ) -> list[list[RunSpec]]:
     """The runs, grouped by config, after checking the configs can be compared."""
@@ -271,7 +271,11 @@ def plan(
 def differences(a: Any, b: Any, path: str) -> list[str]:
     """Dotted keys whose values differ between two nested mappings."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in {**a, **b} for d in differences(a.get(k), b.get(k), f"{path}.{k}")]
+        return [
+            d
+            for k in {**a, **b}
+            for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
+        ]
     return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
 
 
@@ -399,10 +403,10 @@ def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunRes
 def compare(
     config_paths: list[str],
     *,
+    budget: Budget | str,
     seeds: int | list[int] = 1,
-    budget: Budget | str = "steps=100",
     out: str | Path = "runs/compare",
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     wandb: str = "disabled",
     log: Callable[[str], None] = print,
 ) -> Comparison:
