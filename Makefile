@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe clean
+.PHONY: train test lint format bench-attention bench-moe study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -31,6 +31,17 @@ bench-attention: $(STAMP)
 
 bench-moe: $(STAMP)
 	$(PY) benchmarks/moe.py --threads 1
+
+# The mixer/FFN study of docs/results.md: 5 configs x 3 seeds x 400 steps (about an hour
+# on a 2-core CPU), then the learned lags of each correlation mixer against dot.
+STUDY := $(foreach c,dot xcorr-w2 xcorr-w4 channel moe,configs/study-$(c).yaml)
+STUDY_RUNS := runs/study/runs
+study: $(STAMP)
+	$(VENV)/bin/leviathan compare $(STUDY) train.threads=2 --seeds 3 --budget steps=400 --out runs/study
+	for m in xcorr-w2 xcorr-w4 channel; do \
+	  $(VENV)/bin/leviathan inspect --run $(STUDY_RUNS)/study-$$m-s0 \
+	    --against $(STUDY_RUNS)/study-dot-s0 --out runs/study/inspect-$$m || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) data runs wandb

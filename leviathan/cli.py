@@ -1,4 +1,4 @@
-"""`leviathan prepare | train | eval | sample`."""
+"""`leviathan prepare | train | eval | sample | compare | params | inspect`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
@@ -40,6 +41,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"run.wandb={args.wandb}")
+    if args.peak_flops is not None:
+        overrides.append(f"train.peak_flops={args.peak_flops!r}")
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
     summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
@@ -53,9 +56,18 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from leviathan.data import read_documents
     from leviathan.run import load_run
 
     run = load_run(args.run, args.checkpoint)
+    if args.data:
+        docs = read_documents(args.data)
+        result = run.evaluate_documents(docs)
+        print(
+            f"step {run.step}: loss {result.loss:.4f} nats/token, BPC {result.bpc:.4f} on "
+            f"{len(docs):,} document(s) ({result.tokens:,} tokens)"
+        )
+        return
     result = run.evaluate()
     print(
         f"step {run.step}: val loss {result.loss:.4f} nats/token, "
@@ -68,6 +80,56 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     run = load_run(args.run, args.checkpoint)
     print(run.sample(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from leviathan.compare import compare
+
+    configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
+    overrides = [i for i in args.items if i not in configs]
+    result = compare(
+        configs,
+        seeds=args.seeds,
+        budget=args.budget,
+        out=args.out,
+        overrides=overrides,
+        wandb=args.wandb,
+    )
+    print(f"wrote {result.out / 'results.md'}, results.json and the val BPC plots")
+    for run in result.failed:
+        print(f"FAILED {run.name}: {run.error}", file=sys.stderr)
+    return 1 if result.failed else 0
+
+
+def cmd_params(args: argparse.Namespace) -> None:
+    from leviathan.sizing import match_size, model_size
+
+    cfg = load_config(args.config, args.overrides)
+    size = model_size(cfg)
+    print(
+        f"{args.config}: {size.total:,} parameters ({size.active:,} active), "
+        f"{size.flops_per_token / 1e6:.2f} MFLOPs/token forward at seq_len {size.seq_len} "
+        f"(vocab {size.vocab_size:,})"
+    )
+    if not args.match:
+        return
+    target = model_size(load_config(args.match))
+    kind = "active parameters" if args.active else "parameters"
+    print(f"{args.match}: {target.total:,} parameters ({target.active:,} active)")
+    found = match_size(cfg, target, args.vary, active=args.active, tolerance=args.tolerance)
+    print(
+        f"match {kind}: {found.override} gives {found.size.count(args.active):,} "
+        f"({found.relative_error:+.2%}; {found.size.total:,} parameters, "
+        f"{found.size.active:,} active, {found.size.flops_per_token / 1e6:.2f} MFLOPs/token)"
+    )
+    print(f"override: {found.override}")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from leviathan.introspect import inspect_run
+
+    result = inspect_run(args.run, args.against, args.out, args.windows)
+    print(f"wrote {result.kernels}, {result.distance} and {result.profiles}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
     p.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP")
+    p.add_argument(
+        "--peak-flops",
+        type=float,
+        metavar="FLOPS",
+        help="peak FLOP/s of one device for MFU (train.peak_flops; default: known GPUs' table)",
+    )
     p.set_defaults(func=cmd_train)
 
     for name, func, text in (
@@ -99,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("--run", required=True, help="run folder")
         p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+        if name == "eval":
+            p.add_argument(
+                "--data",
+                nargs="+",
+                metavar="PATH",
+                help="score these files, folders, globs or .jsonl instead of the val split",
+            )
         if name == "sample":
             p.add_argument("--prompt", default="\n")
             p.add_argument("--max-new-tokens", type=int, default=200)
@@ -106,17 +181,69 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--top-k", type=int, default=200)
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "compare",
+        help="train configs x seeds under one budget; results.md, results.json, plots",
+        description="Train every CONFIG x seed on the same data under the same budget, each "
+        "in OUT/runs/<config stem>-s<seed>, and write OUT/results.md, OUT/results.json and "
+        "val BPC plots. The configs must have equal data sections. Finished runs are "
+        "reused, interrupted ones resumed; a failed run is reported and the rest go on "
+        "(exit status 1). KEY=VALUE items override every config.",
+    )
+    p.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE")
+    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per config (default 1)")
+    p.add_argument(
+        "--budget", required=True, help="steps=K, tokens=K or minutes=K (wall clock) per run"
+    )
+    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
+    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "params",
+        help="parameters, active parameters, FLOPs/token; --match sizes one config to another",
+        description="Print a config's total and active parameters and forward FLOPs per "
+        "token (no data needed: the vocabulary is model.vocab_size, else the tokenizer's). "
+        "With --match OTHER, find the value of --vary that makes CONFIG's parameters (or "
+        "--active parameters) match OTHER's within --tolerance, and print the override.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. model.n_layer=4")
+    p.add_argument("--match", metavar="OTHER", help="a config to match in size")
+    p.add_argument("--active", action="store_true", help="match active parameters (MoE)")
+    p.add_argument(
+        "--vary",
+        default="model.d_model",
+        metavar="KEY",
+        help="the key to solve for, e.g. model.n_layer, model.ffn.hidden_mult "
+        "(default model.d_model)",
+    )
+    p.add_argument("--tolerance", type=float, default=0.02, help="relative (default 0.02)")
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser(
+        "inspect",
+        help="plot a run's learned lag weights and attention-distance profile",
+        description="Write the learned lag weights (token_xcorr kernels or channel_xcorr "
+        "weights) and the mean attention weight against distance, per layer, of a run "
+        "(beside another run's, e.g. a dot run, with --against) as PNGs and JSON.",
+    )
+    p.add_argument("--run", required=True, help="run folder (token_xcorr or channel_xcorr)")
+    p.add_argument("--against", metavar="RUN", help="a run to compare the profile with")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--windows", type=int, default=8, help="val windows to average over")
+    p.set_defaults(func=cmd_inspect)
     return parser
 
 
-def run_command(func: Callable[[T], None], arg: T) -> int:
+def run_command(func: Callable[[T], int | None], arg: T) -> int:
     """Run a command: a Leviathan error is one `error: ...` line and exit status 2."""
     try:
-        func(arg)
+        return func(arg) or 0
     except LeviathanError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

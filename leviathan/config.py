@@ -75,6 +75,7 @@ class TrainConfig:
     # bf16: autocast (torch) or bf16 weights with fp32 masters (DeepSpeed); fp16: DeepSpeed
     # only, with dynamic loss scaling
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    peak_flops: float | None = None  # FLOP/s of one device for MFU; None: train/mfu.py's table
 
 
 @dataclass
@@ -291,6 +292,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
     if t.lr == 0:
         raise ConfigError("train.lr: must be positive, got 0")
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise ConfigError(f"train.peak_flops: must be positive, got {t.peak_flops}")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr: must be <= train.lr ({t.lr}), got {t.min_lr}")
     for key, value in {"train.beta1": t.beta1, "train.beta2": t.beta2}.items():

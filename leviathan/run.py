@@ -6,10 +6,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from leviathan.config import Config, config_from_dict
-from leviathan.data import Tokenizer, load_index, load_tokens
+from leviathan.data import Document, Tokenizer, load_index, load_tokens, token_dtype
 from leviathan.errors import CheckpointError
 from leviathan.model import Leviathan
 from leviathan.train.checkpoint import latest_checkpoint, verify_checkpoint
@@ -43,6 +44,27 @@ class Run:
         tokens = load_tokens(index.dir, "val")
         seq_len = self.config.train.seq_len
         return evaluate(self.model, tokens, seq_len, batch_size, val["characters"])
+
+    def evaluate_documents(self, docs: list[Document], batch_size: int = 16) -> EvalResult:
+        """Loss and exact BPC on any documents (see `read_documents`), tokenised with the
+        run's tokenizer and joined as the shards are (`eos doc eos doc ...`), so the
+        documents of the run's own val split give the same BPC as `evaluate()`."""
+        tokens, characters = encode_documents(self.tokenizer, docs)
+        seq_len = self.config.train.seq_len
+        return evaluate(self.model, tokens, seq_len, batch_size, characters)
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[Document]) -> tuple[np.ndarray, int]:
+    """The token stream of `docs` as `prepare` writes a split (every document preceded by
+    the end-of-document id) and its character count (`len` of the texts)."""
+    ids = tokenizer.encode_batch([d.text for d in docs])
+    stream = np.empty(sum(len(i) + 1 for i in ids), dtype=token_dtype(tokenizer.vocab_size))
+    at = 0
+    for piece in ids:
+        stream[at] = tokenizer.eos_id
+        stream[at + 1 : at + 1 + len(piece)] = piece
+        at += len(piece) + 1
+    return stream, sum(len(d.text) for d in docs)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:

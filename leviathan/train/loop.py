@@ -25,6 +25,7 @@ from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import CheckpointError, ConfigError
 from leviathan.model import Leviathan
 from leviathan.run import sample_text
+from leviathan.train import mfu
 from leviathan.train.checkpoint import latest_checkpoint, save_checkpoint, verify_checkpoint
 from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
@@ -76,6 +77,7 @@ def train(
     *,
     resume: bool | Path = False,
     stop_at: int | None = None,
+    stop_after_s: float | None = None,
     log=print,
     on_step: Callable[[dict], None] | None = None,
     on_checkpoint: Callable[[Path, dict], None] | None = None,
@@ -85,8 +87,10 @@ def train(
     `stop_at` ends the session early after that step, with a checkpoint, as a job with
     a time slot would; `resume=True` later continues it from the run's latest checkpoint
     (or `resume=<folder>` from that one) as if it had never stopped, on any number of
-    ranks. Every rank calls this. `on_step(record)` and `on_checkpoint(folder, record)`
-    run on every rank, for a scheduler that wants the metrics and checkpoints (Ray).
+    ranks. `stop_after_s` likewise ends it after the first step that finishes that many
+    seconds into this session's training (a wall-clock budget; one process only).
+    Every rank calls this. `on_step(record)` and `on_checkpoint(folder, record)` run on
+    every rank, for a scheduler that wants the metrics and checkpoints (Ray).
     """
     t = cfg.train
     if t.threads:
@@ -98,6 +102,7 @@ def train(
     torch.manual_seed(t.seed)
     model = Leviathan(model_cfg, ep_group=world.ep_group)
     n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
+    flops_per_token = model.flops_per_token(t.seq_len)
     parallel = {
         "engine": world.engine,
         "world_size": world.world_size,
@@ -107,7 +112,7 @@ def train(
     if main:
         log(
             f"model: {n_params:,} parameters ({model.active_params():,} active), "
-            f"{model.flops_per_token(t.seq_len) / 1e6:.1f} MFLOPs/token forward, "
+            f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
             f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
             + ", ".join(f"{k} {v}" for k, v in parallel.items())
         )
@@ -128,6 +133,9 @@ def train(
                 f"run.dir {run_dir} already holds checkpoints: pass --resume to continue it, "
                 "or choose another run.dir"
             )
+    if stop_after_s is not None and engine.world_size > 1:
+        raise ConfigError("stop_after_s: ranks' clocks would disagree; use one process")
+    peak = mfu.peak_flops(world.device, t.precision, t.peak_flops)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -169,6 +177,9 @@ def train(
             "tokens_per_s": tokens_per_step / (time.perf_counter() - tick),
             "elapsed_s": time.perf_counter() - started,
         }
+        record.update(
+            mfu.throughput(record["tokens_per_s"], flops_per_token, peak, engine.world_size)
+        )
         routing = model.pop_layer_metrics()
         if routing:
             record.update(aux_loss=result.aux_loss, moe=routing)
@@ -192,11 +203,16 @@ def train(
         if main:
             metrics.log(record)
             wandb_run.log(record)
-            bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{result.loss:.3f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+                **mfu.postfix(record),
+            )
             bar.update(1)
         if on_step:
             on_step(record)
-        if done % t.ckpt_interval == 0 or done == end_step:
+        out_of_time = stop_after_s is not None and time.perf_counter() - started >= stop_after_s
+        if done % t.ckpt_interval == 0 or done == end_step or out_of_time:
             folder = save_checkpoint(
                 ckpt_root,
                 done,
@@ -207,6 +223,9 @@ def train(
             )
             if on_checkpoint:
                 on_checkpoint(folder, record)
+        if out_of_time:
+            end_step = done
+            break
     bar.close()
     wall = time.perf_counter() - started
     steps_run = end_step - start_step

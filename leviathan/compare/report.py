@@ -1,0 +1,154 @@
+"""The comparison's outputs: results.md (tables), results.json (everything), and the
+val-BPC plots against steps and against training time (one line per config: the mean
+over seeds, with a min-max band)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from leviathan.compare.runner import Comparison, ConfigResult
+
+PLOT_STEPS = "val_bpc_steps.png"
+PLOT_TIME = "val_bpc_time.png"
+
+
+def write_report(comparison: Comparison) -> None:
+    out = comparison.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps(comparison.to_dict(), indent=1) + "\n", encoding="utf-8"
+    )
+    plot_bpc(comparison.configs, "step", out / PLOT_STEPS)
+    plot_bpc(comparison.configs, "time_s", out / PLOT_TIME)
+    (out / "results.md").write_text(markdown(comparison), encoding="utf-8")
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def fmt_count(value: int | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f}B"
+    if value >= 1e6:
+        return f"{value / 1e6:.2f}M"
+    return f"{value / 1e3:.1f}k"
+
+
+def cell(text: str) -> str:
+    """Text safe inside a markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(c: Comparison) -> str:
+    seeds = ", ".join(str(s) for s in c.seeds)
+    lines = [
+        f"# Comparison: budget {c.budget}, seeds {seeds}",
+        "",
+        f"Data: `{c.data['dir']}` (vocabulary {c.data['vocab_size']:,}; train "
+        f"{c.data['train_tokens']:,} tokens; val {c.data['val_tokens']:,} tokens, "
+        f"{c.data['val_characters']:,} characters).",
+        "",
+        "| config | mixer | ffn | params | active | FLOPs/token | final val BPC | best val BPC "
+        "| tokens/s | runs ok |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in c.configs:
+        final = r.final_bpc()
+        if final is None:
+            final_text = "-"
+        elif len(r.ok) > 1:
+            final_text = f"{final[0]:.4f} ± {final[1]:.4f}"
+        else:
+            final_text = f"{final[0]:.4f}"
+        size = r.size
+        lines.append(
+            f"| {cell(r.label)} | {cell(r.mixer)} | {cell(r.ffn)} "
+            f"| {fmt_count(size.total if size else None)} "
+            f"| {fmt_count(size.active if size else None)} "
+            f"| {fmt_count(size.flops_per_token if size else None)} "
+            f"| {final_text} | {fmt(r.best_bpc(), '.4f')} | {fmt(r.tokens_per_s(), ',.0f')} "
+            f"| {len(r.ok)}/{len(r.runs)} |"
+        )
+    lines += [
+        "",
+        "Final val BPC: the whole validation split, exact, after the last step; mean ± sample "
+        "standard deviation over the seeds that finished. Best val BPC: the lowest any seed "
+        "reached at any evaluation (periodic evaluations score the first `train.eval_tokens` "
+        "val tokens, an estimate) or at the end. FLOPs/token: active forward FLOPs at "
+        "`train.seq_len` (training is about 3x). tokens/s: median training throughput over "
+        "the steps of a run, mean over seeds.",
+        "",
+        "## Runs",
+        "",
+        "| run | seed | status | steps | final val BPC | best val BPC | tokens/s | train s "
+        "| error |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in c.configs:
+        for run in r.runs:
+            lines.append(
+                f"| {cell(run.name)} | {run.seed} | {run.status} | {fmt(run.steps, 'd')} "
+                f"| {fmt(run.final_val_bpc, '.4f')} | {fmt(run.best_val_bpc, '.4f')} "
+                f"| {fmt(run.tokens_per_s, ',.0f')} | {fmt(run.train_s, '.1f')} "
+                f"| {cell(run.error or '')} |"
+            )
+    lines += [
+        "",
+        "Train time: seconds of training, periodic evaluations included, summed over the "
+        "sessions of a resumed run.",
+        "",
+        f"![val BPC against steps]({PLOT_STEPS})",
+        "",
+        f"![val BPC against training time]({PLOT_TIME})",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def band(runs, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Per evaluation step: x (the step, or the mean time over seeds), mean, min and max
+    val BPC over the seeds that reached it."""
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for run in runs:
+        for point in run.curve:
+            by_step[point["step"]].append(point)
+    xs, mean, low, high = [], [], [], []
+    for step in sorted(by_step):
+        points = by_step[step]
+        values = [p["val_bpc"] for p in points]
+        xs.append(sum(p[x_key] for p in points) / len(points))
+        mean.append(sum(values) / len(values))
+        low.append(min(values))
+        high.append(max(values))
+    return xs, mean, low, high
+
+
+def plot_bpc(configs: list[ConfigResult], x_key: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, config in enumerate(configs):
+        xs, mean, low, high = band(config.ok, x_key)
+        if not xs:
+            continue
+        color = f"C{i % 10}"
+        ax.plot(xs, mean, "o-", ms=3, color=color, label=f"{config.label} ({len(config.ok)})")
+        ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+    xlabel = "step" if x_key == "step" else "training time (s)"
+    ax.set(xlabel=xlabel, ylabel="val bits per character", title=f"val BPC against {xlabel}")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(title="config (seeds); band: min-max")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,252 @@
+"""`leviathan inspect`: what a correlation-attention run learned.
+
+* Lag weights (DESIGN.md section 2). `token_xcorr`: per layer and head, the Wq x Wk kernel
+  w = sum_r f_r g_r^T, whose entry w_ab weighs <q_{i-a}, k_{j-b}> in the score S_ij: the
+  delta at (0, 0) is `dot`, mass on the diagonal a = b is the sliding-window
+  cross-correlation of the two signals, mass off it pairs a query lag with another key
+  lag. `channel_xcorr`: per layer and head, the weight alpha_tau of channel lag tau = -L..L
+  (the delta at tau = 0 is `dot`).
+* The attention-distance profile: per layer, the mean attention weight P_ij as a function
+  of the distance i - j, over the queries that can reach that far (i >= distance) and the
+  heads, on the first windows of the run's own validation split. The scores are
+  materialised exactly as the reference path does, then causally softmaxed. With
+  `against`, another run's profile (a `dot` run, say; on its own validation split) is
+  drawn beside it, layer by layer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from leviathan.data import eval_windows, load_index, load_tokens
+from leviathan.errors import LeviathanError
+from leviathan.model import correlation
+from leviathan.run import Run, load_run
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+KERNELS_PNG = "lag_kernels.png"
+CHANNEL_PNG = "channel_lags.png"
+DISTANCE_PNG = "attention_distance.png"
+DISTANCE_JSON = "attention_distance.json"
+WINDOWS = 8  # validation windows the attention profile averages over
+
+# The materialised, unmasked scores (B, H, T, T) of each mixer kind from its q and k.
+SCORES = {
+    "dot": lambda mixer, q, k: correlation.dot_scores(q, k),
+    "token_xcorr": lambda mixer, q, k: correlation.token_xcorr_scores(q, k, mixer.f, mixer.g),
+    "channel_xcorr": lambda mixer, q, k: correlation.channel_xcorr_scores(q, k, mixer.alpha),
+}
+
+
+class InspectError(LeviathanError):
+    """The run cannot be inspected (a `dot` run has no lag weights)."""
+
+
+@dataclass
+class Inspection:
+    kernels: Path  # the lag-weight plot
+    distance: Path  # the attention-distance plot
+    profiles: Path  # the profiles as JSON
+
+
+def token_kernels(run: Run) -> np.ndarray:
+    """(layers, heads, Wq, Wk): w = sum_r f_r g_r^T of every token_xcorr block."""
+    return np.stack(
+        [
+            correlation.lag_kernel(b.mixer.f, b.mixer.g).detach().float().numpy()
+            for b in run.model.blocks
+        ]
+    )
+
+
+def channel_weights(run: Run) -> np.ndarray:
+    """(layers, heads, 2L+1): alpha_tau, tau = -L..L, of every channel_xcorr block."""
+    return np.stack([b.mixer.alpha.detach().float().numpy() for b in run.model.blocks])
+
+
+@torch.no_grad()
+def attention_weights(mixer: nn.Module, x: Tensor) -> Tensor:
+    """The causal attention matrix P (B, H, T, T) that `mixer` applies to its input x."""
+    kind = mixer.options.kind
+    if kind not in SCORES:
+        raise InspectError(f"inspect does not know how to materialise {kind!r} scores")
+    B, T, C = x.shape
+    q, k, _ = (
+        t.view(B, T, mixer.n_head, mixer.head_dim).transpose(1, 2)
+        for t in mixer.qkv(x).split(C, dim=2)
+    )
+    scores = SCORES[kind](mixer, q, k)
+    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+
+
+@torch.no_grad()
+def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
+    """(layers, T): mean attention weight at distance 0..T-1 (see the module docstring),
+    averaged over heads, over the first `windows` windows of the run's val split."""
+    model = run.model
+    seq_len = run.config.train.seq_len
+    tokens = load_tokens(load_index(run.config.data.dir).dir, "val")
+    inputs: dict[int, Tensor] = {}
+    hooks = [
+        block.mixer.register_forward_pre_hook(
+            lambda module, args, i=i: inputs.__setitem__(i, args[0])
+        )
+        for i, block in enumerate(model.blocks)
+    ]
+    sums = np.zeros((len(model.blocks), seq_len))
+    seen = 0
+    model.eval()
+    model.set_reference(True)
+    try:
+        for x, _ in eval_windows(tokens, seq_len, 1):
+            if x.shape[1] != seq_len or seen == windows:
+                break
+            model(x)
+            for i, block in enumerate(model.blocks):
+                p = attention_weights(block.mixer, inputs[i])[0]  # (H, T, T)
+                for distance in range(seq_len):
+                    diagonal = torch.diagonal(p, offset=-distance, dim1=-2, dim2=-1)
+                    sums[i, distance] += diagonal.mean().item()
+            seen += 1
+    finally:
+        model.set_reference(False)
+        for hook in hooks:
+            hook.remove()
+    if not seen:
+        raise InspectError(
+            f"the val split of {run.config.data.dir} holds no window of {seq_len} tokens"
+        )
+    return sums / seen
+
+
+def inspect_run(
+    run_dir: str | Path,
+    against: str | Path | None = None,
+    out: str | Path | None = None,
+    windows: int = WINDOWS,
+) -> Inspection:
+    """Write the lag-weight plot, the attention-distance plot and its JSON for `run_dir`
+    (into `out`, default the run folder). InspectError for a run without lag weights."""
+    run = load_run(run_dir)
+    kind = run.config.model.mixer.kind
+    if not run.model.blocks[0].mixer.lag_parameters():
+        raise InspectError(
+            f"{run_dir} uses the {kind!r} mixer, which has no lag weights to inspect; "
+            "inspect a token_xcorr or channel_xcorr run (and pass this one as --against)"
+        )
+    out = Path(out) if out is not None else Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{Path(run_dir).name} (step {run.step})"
+    if kind == "token_xcorr":
+        kernels = plot_token_kernels(token_kernels(run), title, out / KERNELS_PNG)
+    elif kind == "channel_xcorr":
+        kernels = plot_channel_weights(channel_weights(run), title, out / CHANNEL_PNG)
+    else:
+        raise InspectError(f"inspect does not know how to draw the lags of {kind!r}")
+
+    profiles = {f"{Path(run_dir).name} ({kind})": distance_profile(run, windows)}
+    if against is not None:
+        other = load_run(against)
+        other_kind = other.config.model.mixer.kind
+        profiles[f"{Path(against).name} ({other_kind})"] = distance_profile(other, windows)
+    distance = plot_distance(profiles, out / DISTANCE_PNG)
+    json_path = out / DISTANCE_JSON
+    json_path.write_text(
+        json.dumps({name: p.tolist() for name, p in profiles.items()}) + "\n", encoding="utf-8"
+    )
+    return Inspection(kernels, distance, json_path)
+
+
+def text_style(value: float, limit: float) -> dict[str, str]:
+    """Centred cell labels, white on the dark ends of the colour map."""
+    color = "white" if abs(value) > 0.6 * limit else "black"
+    return {"ha": "center", "va": "center", "color": color}
+
+
+def plot_token_kernels(kernels: np.ndarray, title: str, path: Path) -> Path:
+    layers, heads, window_q, window_k = kernels.shape
+    limit = float(np.abs(kernels).max()) or 1.0
+    size = (1.5 + 0.5 * heads * max(window_k, 2), 0.8 + 0.5 * layers * max(window_q, 2))
+    fig, axes = plt.subplots(layers, heads, figsize=size, squeeze=False, layout="constrained")
+    for layer in range(layers):
+        for head in range(heads):
+            ax = axes[layer, head]
+            w = kernels[layer, head]
+            image = ax.imshow(w, cmap="RdBu_r", vmin=-limit, vmax=limit)
+            if window_q * window_k <= 64:
+                for (a, b), value in np.ndenumerate(w):
+                    ax.text(b, a, f"{value:.2f}", fontsize=6, **text_style(value, limit))
+            ax.set_xticks(range(window_k))
+            ax.set_yticks(range(window_q))
+            ax.tick_params(labelsize=6)
+            if layer == 0:
+                ax.set_title(f"head {head}", fontsize=8)
+            if head == 0:
+                ax.set_ylabel(f"layer {layer}\nquery lag a", fontsize=7)
+            if layer == layers - 1:
+                ax.set_xlabel("key lag b", fontsize=7)
+    fig.colorbar(image, ax=axes, shrink=0.6, label="w_ab")
+    fig.suptitle(f"token-lag kernels w = sum_r f_r g_r^T: {title}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_channel_weights(alpha: np.ndarray, title: str, path: Path) -> Path:
+    layers, heads, width = alpha.shape
+    lags = (width - 1) // 2
+    limit = float(np.abs(alpha).max()) or 1.0
+    size = (3.0 + 0.7 * width, 1.0 + (0.6 + 0.35 * heads) * layers)
+    fig, axes = plt.subplots(layers, 1, figsize=size, layout="constrained")
+    axes = np.atleast_1d(axes)
+    for layer, ax in enumerate(axes):
+        image = ax.imshow(
+            alpha[layer],
+            cmap="RdBu_r",
+            vmin=-limit,
+            vmax=limit,
+            aspect="auto",
+            extent=(-lags - 0.5, lags + 0.5, heads - 0.5, -0.5),
+        )
+        for (head, i), value in np.ndenumerate(alpha[layer]):
+            ax.text(i - lags, head, f"{value:.2f}", fontsize=6, **text_style(value, limit))
+        ax.set_yticks(range(heads))
+        ax.set_xticks(range(-lags, lags + 1))
+        ax.set_ylabel(f"layer {layer}\nhead", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[-1].set_xlabel("channel lag tau", fontsize=8)
+    fig.colorbar(image, ax=list(axes), shrink=0.6, label="alpha_tau")
+    fig.suptitle(f"channel-lag weights: {title}", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_distance(profiles: dict[str, np.ndarray], path: Path) -> Path:
+    layers = max(p.shape[0] for p in profiles.values())
+    fig, axes = plt.subplots(1, layers, figsize=(3.2 * layers, 3.2), squeeze=False, sharey=True)
+    for layer, ax in enumerate(axes[0]):
+        for i, (name, profile) in enumerate(profiles.items()):
+            if layer < profile.shape[0]:
+                style = "-" if i == 0 else "--"
+                ax.plot(np.arange(profile.shape[1]), profile[layer], style, lw=1, label=name)
+        ax.set_yscale("log")
+        ax.set(title=f"layer {layer}", xlabel="distance i - j (tokens)")
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("mean attention weight")
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle("attention-distance profile (mean over heads and val windows)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
