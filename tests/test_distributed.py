@@ -188,3 +188,118 @@ def test_resume_on_another_number_of_ranks(base, oracle, name, stage):
     two = launch(config, 2, run_dir, zero, flags=["--resume"])
     assert "(1 -> 2 ranks)" in two.stdout + two.stderr
     assert_same_curve(losses(run_dir), oracle[name])
+
+
+RAY_SESSION = """
+set -u
+ip link set lo up
+export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 PATH="$BIN:$PATH"
+trap 'ray stop --force > "$OUT/stop.log" 2>&1; echo $? > "$OUT/stop.rc"' EXIT
+ray start --head --num-cpus 2 --include-dashboard=true --dashboard-host 127.0.0.1 \\
+    --dashboard-port 8265 --disable-usage-stats > "$OUT/start.log" 2>&1 || exit 1
+for _ in $(seq 60); do
+    ray job list --address http://127.0.0.1:8265 > /dev/null 2>&1 && break
+    sleep 1
+done
+cd "$REPO"
+SECONDS=0
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    python launch/train_moe.py --config "$CONFIG" run.dir="$RUN" parallel.zero_stage=2 \\
+    --workers 2 --kill-rank-at-step 1 6 > "$OUT/good.log" 2>&1
+echo $? > "$OUT/good.rc"
+echo $SECONDS > "$OUT/good.seconds"
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+    python launch/train_moe.py --config "$OUT/no-such-config.yaml" > "$OUT/bad.log" 2>&1
+echo $? > "$OUT/bad.rc"
+"""
+
+
+def test_ray_job_survives_a_killed_worker(base, oracle):
+    """A real head in a private network namespace; `ray job submit` runs the MoE job on 2
+    workers, rank 1 is SIGKILLed at step 6 (after the step-4 checkpoint); Ray restarts the
+    group, it resumes from step 4 and ends exactly where the uninterrupted run ends."""
+    out = base["root"] / "ray"
+    out.mkdir()
+    run_dir = out / "run"
+    env = dict(
+        os.environ,
+        BIN=str(Path(sys.executable).parent),
+        OUT=str(out),
+        REPO=str(REPO),
+        CONFIG=str(config_file(base, "moe", MOE)),
+        RUN=str(run_dir),
+    )
+    subprocess.run(["unshare", "-n", "bash", "-c", RAY_SESSION], env=env, timeout=900)
+    log = (out / "good.log").read_text()
+    assert (out / "good.rc").read_text().strip() == "0", log[-5000:]
+    assert "resumed from" in log and "at step 4 (2 -> 2 ranks)" in log  # it was restarted
+    assert_same_curve(losses(run_dir), oracle["moe"])  # steps 1..8 once each, same losses
+    ray_checkpoints = sorted(p for p in (run_dir / "ray").glob("*/checkpoint_*") if p.is_dir())
+    assert len(ray_checkpoints) >= 2 and (ray_checkpoints[-1] / "MANIFEST.json").is_file()
+    assert (out / "bad.rc").read_text().strip() != "0"  # a failing job fails the submit
+    assert "config file not found" in (out / "bad.log").read_text()
+    assert (out / "stop.rc").read_text().strip() == "0"  # and `ray stop` ran at the end
+    print(f"ray job with one restart: {(out / 'good.seconds').read_text().strip()} s")
+
+
+def test_unreachable_cluster_inputs_are_named(base, tmp_path):
+    config = str(config_file(base, "dense"))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("worker-1.invalid slots=2\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/train.py"),
+            "--hostfile",
+            str(hosts),
+            "--config",
+            config,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert (
+        f"error: hostfile {hosts}: host 'worker-1.invalid': the name does not resolve"
+        in done.stderr
+    )
+    hosts.write_text("node1 slots=two\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/train.py"),
+            "--hostfile",
+            str(hosts),
+            "--config",
+            config,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and f"hostfile {hosts}:1: expected `HOST slots=N`" in done.stderr
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/train_moe.py"),
+            "--address",
+            "http://127.0.0.1:9",
+            "--config",
+            config,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "error: Ray address 'http://127.0.0.1:9': cannot connect to port 9" in done.stderr
+
+
+def test_resuming_another_models_checkpoint_names_the_key(base):
+    run_dir = base["root"] / "wrong-model"
+    config = config_file(base, "dense")
+    launch(config, 1, run_dir, "parallel.zero_stage=2", flags=["--stop-at", "2"])
+    done = launch(config, 1, run_dir, "model.d_model=48", flags=["--resume"], check=False)
+    assert done.returncode == 2
+    assert "is from a different model: model.d_model: checkpoint 32, config 48" in done.stderr

@@ -61,7 +61,7 @@ class DeepSpeedEngine:
             aux = self.model.aux_loss()
             self.ds.backward(loss + aux)
             self.ds.step()  # steps the optimizer only at the accumulation boundary
-            sums += torch.tensor([loss.item(), float(aux)], dtype=torch.float64)
+            sums += torch.tensor([loss.item(), aux.item()], dtype=torch.float64)
         self.model.after_optimizer_step()
         dist.all_reduce(sums)  # report the whole world's mean, as one rank would see it
         mean = sums / (len(micro_batches) * self.world_size)
