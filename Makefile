@@ -45,3 +45,8 @@ study: $(STAMP)
 
 clean:
 	rm -rf $(VENV) data runs wandb
+
+# The GPU image (docker/Dockerfile): CUDA PyTorch, DeepSpeed with its ops compiled, Ray, this package.
+.PHONY: docker
+docker:
+	docker build -f docker/Dockerfile -t leviathan:latest .

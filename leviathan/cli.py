@@ -1,4 +1,4 @@
-"""`leviathan prepare | train | eval | sample | compare | params | inspect`."""
+"""`leviathan prepare | train | eval | sample | compare | params | inspect | export | ds-config`."""
 
 from __future__ import annotations
 
@@ -132,6 +132,31 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"wrote {result.kernels}, {result.distance} and {result.profiles}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from leviathan.errors import CheckpointError
+    from leviathan.export import export_run
+    from leviathan.train.checkpoint import latest_checkpoint
+
+    run_dir = Path(args.run)
+    checkpoint = (
+        Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    )
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
+    out = export_run(run_dir, checkpoint, Path(args.out) if args.out else None)
+    print(f"exported {checkpoint} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
+
+
+def cmd_ds_config(args: argparse.Namespace) -> None:
+    import json
+
+    from leviathan.distributed.ds_config import deepspeed_config
+
+    print(
+        json.dumps(deepspeed_config(load_config(args.config, args.overrides), args.gpu), indent=2)
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leviathan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -234,6 +259,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: the run folder)")
     p.add_argument("--windows", type=int, default=8, help="val windows to average over")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "export", help="write a run's checkpoint as one consolidated model.safetensors"
+    )
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--checkpoint", help="a checkpoint folder (default: the run's latest)")
+    p.add_argument("--out", help="output file (default RUN/model.safetensors)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config derives")
+    p.add_argument("config", help="YAML config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. parallel.zero_stage=3")
+    p.add_argument("--gpu", action="store_true", help="as on GPU (fused Adam)")
+    p.set_defaults(func=cmd_ds_config)
     return parser
 
 

@@ -12,8 +12,9 @@ import torch
 from leviathan.config import Config, config_from_dict
 from leviathan.data import Document, Tokenizer, load_index, load_tokens, token_dtype
 from leviathan.errors import CheckpointError
+from leviathan.export import EXPORT, model_state, read_export
 from leviathan.model import Leviathan
-from leviathan.train.checkpoint import latest_checkpoint, verify_checkpoint
+from leviathan.train.checkpoint import MANIFEST, latest_checkpoint
 from leviathan.train.evaluate import EvalResult, evaluate
 
 
@@ -68,18 +69,33 @@ def encode_documents(tokenizer: Tokenizer, docs: list[Document]) -> tuple[np.nda
 
 
 def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
-    """Model weights from the latest (or a given) verified checkpoint of `run_dir`."""
+    """A run's model: from `checkpoint` when given, else its export (`leviathan export`)
+    when that is as recent as the latest checkpoint, else the latest checkpoint, whichever
+    engine and number of ranks wrote it."""
     run_dir = Path(run_dir)
-    directory = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    directory = Path(checkpoint) if checkpoint else latest
+    exported = run_dir / EXPORT
+    if checkpoint is None and exported.is_file():
+        state, raw, step = read_export(exported)
+        if latest is None or step >= checkpoint_step(latest):
+            return build_run(run_dir, config_from_dict(raw), state, step)
     if directory is None:
         raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
-    manifest = verify_checkpoint(directory)
+    state = model_state(directory)
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    return build_run(run_dir, config, state, checkpoint_step(directory))
+
+
+def build_run(run_dir: Path, config: Config, state: dict[str, torch.Tensor], step: int) -> Run:
     model = Leviathan(config.model)
-    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     model.eval()
-    return Run(run_dir, config, model, tokenizer, manifest["step"])
+    return Run(run_dir, config, model, Tokenizer.load(run_dir / "tokenizer.model"), step)
+
+
+def checkpoint_step(directory: Path) -> int:
+    return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["step"]
 
 
 def sample_text(

@@ -126,10 +126,17 @@ def assert_same_curve(got: list[float], want: list[float]) -> None:
     assert max(abs(a - b) for a, b in zip(got, want, strict=True)) < LOSS_TOL, (got, want)
 
 
+def dense_run(base, stage: int) -> Path:
+    """The dense model trained on 2 ranks at ZeRO `stage` (launched once per session)."""
+    run_dir = base["root"] / f"dense-z{stage}"
+    if not (run_dir / "summary.json").is_file():
+        launch(config_file(base, "dense"), 2, run_dir, f"parallel.zero_stage={stage}")
+    return run_dir
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_on_two_ranks_equal_one_rank_with_accumulation(base, oracle, stage):
-    run_dir = base["root"] / f"dense-z{stage}"
-    launch(config_file(base, "dense"), 2, run_dir, f"parallel.zero_stage={stage}")
+    run_dir = dense_run(base, stage)
     curve = losses(run_dir)
     assert curve[-1] < curve[0] - 0.3  # it learns
     assert_same_curve(curve, oracle["dense"])
@@ -303,3 +310,33 @@ def test_resuming_another_models_checkpoint_names_the_key(base):
     done = launch(config, 1, run_dir, "model.d_model=48", flags=["--resume"], check=False)
     assert done.returncode == 2
     assert "is from a different model: model.d_model: checkpoint 32, config 48" in done.stderr
+
+
+def test_export_consolidates_any_layout_for_eval_and_sample(base, oracle):
+    """A ZeRO-3 run sharded over 2 ranks and a plain one-process run export to one
+    safetensors file each; `eval` on it scores the val split exactly as training did."""
+    from leviathan.errors import CheckpointError
+    from leviathan.export import read_export
+
+    cli = [sys.executable, "-m", "leviathan.cli"]
+    for run_dir in (dense_run(base, 3), base["root"] / "oracle-dense"):
+        done = subprocess.run(
+            [*cli, "export", "--run", str(run_dir)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        state, config, step = read_export(run_dir / "model.safetensors")
+        assert step == STEPS and config["model"]["d_model"] == 32
+        done = subprocess.run([*cli, "eval", "--run", str(run_dir)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        bpc = float(done.stdout.split("val BPC ")[1].split()[0])
+        assert abs(bpc - summary(run_dir)["val_bpc"]) < 1e-4, (bpc, summary(run_dir))
+        done = subprocess.run(
+            [*cli, "sample", "--run", str(run_dir), "--max-new-tokens", "5"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and done.stdout.strip(), done.stderr
+    broken = base["root"] / "broken.safetensors"
+    broken.write_bytes((run_dir / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="not a readable Leviathan export"):
+        read_export(broken)
