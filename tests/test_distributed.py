@@ -10,6 +10,7 @@ expert parallelism, and across a resume on another number of ranks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -340,3 +341,19 @@ def test_export_consolidates_any_layout_for_eval_and_sample(base, oracle):
     broken.write_bytes((run_dir / "model.safetensors").read_bytes()[:100])
     with pytest.raises(CheckpointError, match="not a readable Leviathan export"):
         read_export(broken)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_under_deepspeed(base, precision):
+    """bf16 weights with fp32 masters; fp16 with DeepSpeed's dynamic loss scaling."""
+    run_dir = base["root"] / f"dense-{precision}"
+    launch(
+        config_file(base, "dense"),
+        1,
+        run_dir,
+        "parallel.zero_stage=2",
+        f"train.precision={precision}",
+    )
+    curve = losses(run_dir)
+    assert all(math.isfinite(x) for x in curve)
+    assert curve[-1] < curve[0] - 0.2, curve

@@ -42,7 +42,10 @@ def evaluate(
     `characters` is the length of the split's text."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    weights = next(model.parameters())
+    device = weights.device
+    # a DeepSpeed bf16/fp16 model already holds half-precision weights: no autocast then
+    precision = precision if weights.dtype == torch.float32 else "fp32"
     nll, count = 0.0, 0
     for x, y in eval_windows(tokens, seq_len, batch_size, max_tokens=max_tokens):
         x, y = x.to(device), y.to(device)
