@@ -7,7 +7,8 @@ It joins the cluster the job runs in (`--address` to name another; none: a local
 started), prepares the data once if it is missing, and runs a TorchTrainer whose workers
 each call `leviathan.train.loop.train`. Every checkpoint the loop writes is reported to
 Ray with the step's metrics; when a worker dies, Ray restarts the group (up to
-`--max-failures` times) and every worker resumes from the last reported checkpoint.
+`--max-failures` times) and every worker resumes from the newest checkpoint: the last one
+reported to Ray, or run.dir's own latest when that is newer.
 run.dir and data.dir must be on storage every node sees (the job's working directory is
 a temporary copy): give absolute paths on a cluster.
 """
@@ -15,6 +16,7 @@ a temporary copy): give absolute paths on a cluster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -25,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from leviathan.cli import add_config_args, run_command  # noqa: E402
 from leviathan.config import Config, config_from_dict, load_config  # noqa: E402
 from leviathan.distributed.hosts import check_ray_address  # noqa: E402
-from leviathan.errors import LeviathanError  # noqa: E402
+from leviathan.errors import CheckpointError, LeviathanError  # noqa: E402
+from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
 
 WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # a report: ~0.1 s, not ~2 s
 
@@ -47,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def worker(job: dict) -> None:
-    """One rank: resume from Ray's checkpoint if this is a restart, train, report."""
+    """One rank: resume from the newest checkpoint there is, train, report to Ray."""
     import ray.train
     import torch
 
@@ -58,11 +61,12 @@ def worker(job: dict) -> None:
     if not cfg.train.threads:
         torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
     rank = ray.train.get_context().get_world_rank()
-    checkpoint = ray.train.get_checkpoint()
     kill = job["kill_rank_at_step"]
+    killed = Path(cfg.run.dir) / ".killed-by-test"  # the fault is injected once per run
 
     def on_step(record: dict) -> None:
-        if kill and checkpoint is None and rank == kill[0] and record["step"] == kill[1]:
+        if kill and rank == kill[0] and record["step"] == kill[1] and not killed.exists():
+            killed.touch()
             os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-run, for the fault test
 
     def on_checkpoint(folder: Path, record: dict) -> None:
@@ -74,11 +78,18 @@ def worker(job: dict) -> None:
         else:
             ray.train.report(metrics)
 
-    if checkpoint is None:
-        train(cfg, resume=job["resume"], on_step=on_step, on_checkpoint=on_checkpoint)
-        return
-    with checkpoint.as_directory() as folder:
-        train(cfg, resume=Path(folder), on_step=on_step, on_checkpoint=on_checkpoint)
+    reported = ray.train.get_checkpoint()
+    with reported.as_directory() if reported else contextlib.nullcontext() as folder:
+        source = newest_checkpoint(Path(folder) if folder else None, Path(cfg.run.dir))
+        train(cfg, resume=source or False, on_step=on_step, on_checkpoint=on_checkpoint)
+
+
+def newest_checkpoint(reported: Path | None, run_dir: Path) -> Path | None:
+    """After a restart: Ray's last reported checkpoint or the run folder's own latest
+    (newer when a worker died between writing one and reporting it), whichever is newer.
+    A fresh job finds neither: `main` refuses a used run.dir without --resume."""
+    found = [p for p in (reported, latest_checkpoint(run_dir / "checkpoints")) if p]
+    return max(found, key=checkpoint_step, default=None)
 
 
 def main(argv: list[str]) -> None:
@@ -86,6 +97,11 @@ def main(argv: list[str]) -> None:
     cfg = load_config(args.config, [*args.overrides, "parallel.engine=deepspeed"])
     if args.address:
         check_ray_address(args.address)
+    if not args.resume and latest_checkpoint(Path(cfg.run.dir) / "checkpoints"):
+        raise CheckpointError(
+            f"run.dir {cfg.run.dir} already holds checkpoints: pass --resume to continue it, "
+            "or choose another run.dir"
+        )
     if args.workers < 1:
         raise LeviathanError(f"--workers: must be at least 1, got {args.workers}")
     run(cfg, args)
@@ -109,7 +125,6 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
         worker,
         train_loop_config={
             "config": cfg.to_dict(),
-            "resume": args.resume,
             "cpus_per_worker": args.cpus_per_worker,
             "kill_rank_at_step": args.kill_rank_at_step,
         },

@@ -14,7 +14,7 @@ from leviathan.data import Document, Tokenizer, load_index, load_tokens, token_d
 from leviathan.errors import CheckpointError
 from leviathan.export import EXPORT, model_state, read_export
 from leviathan.model import Leviathan
-from leviathan.train.checkpoint import MANIFEST, latest_checkpoint
+from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint
 from leviathan.train.evaluate import EvalResult, evaluate
 
 
@@ -92,10 +92,6 @@ def build_run(run_dir: Path, config: Config, state: dict[str, torch.Tensor], ste
     model.load_state_dict(state)
     model.eval()
     return Run(run_dir, config, model, Tokenizer.load(run_dir / "tokenizer.model"), step)
-
-
-def checkpoint_step(directory: Path) -> int:
-    return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["step"]
 
 
 def sample_text(

@@ -357,3 +357,21 @@ def test_half_precision_under_deepspeed(base, precision):
     curve = losses(run_dir)
     assert all(math.isfinite(x) for x in curve)
     assert curve[-1] < curve[0] - 0.2, curve
+
+
+def test_ray_job_refuses_a_used_run_dir_without_resume(base):
+    run_dir = dense_run(base, 2)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch/train_moe.py"),
+            "--config",
+            str(config_file(base, "dense")),
+            f"run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"error: run.dir {run_dir} already holds checkpoints: pass --resume" in done.stderr

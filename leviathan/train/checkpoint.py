@@ -84,6 +84,14 @@ def latest_checkpoint(root: Path) -> Path | None:
     return target
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step a sealed checkpoint folder was taken at."""
+    try:
+        return json.loads((directory / MANIFEST).read_text(encoding="utf-8"))["step"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {directory} has no readable {MANIFEST}: {err}") from err
+
+
 def verify_checkpoint(directory: Path) -> dict:
     """Check every file against the manifest; return the manifest or raise CheckpointError."""
     manifest_path = directory / MANIFEST
