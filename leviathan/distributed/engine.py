@@ -55,14 +55,16 @@ class DeepSpeedEngine:
         self.ds.train()
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(2, dtype=torch.float64)
+        total = aux_total = 0.0
         for x, y in micro_batches:
             _, loss = self.ds(x.to(self.device), y.to(self.device))
             aux = self.model.aux_loss()
             self.ds.backward(loss + aux)
             self.ds.step()  # steps the optimizer only at the accumulation boundary
-            sums += torch.tensor([loss.item(), aux.item()], dtype=torch.float64)
+            total += loss.item()
+            aux_total += aux.item()
         self.model.after_optimizer_step()
+        sums = torch.tensor([total, aux_total], dtype=torch.float64, device=self.device)
         dist.all_reduce(sums)  # report the whole world's mean, as one rank would see it
         mean = sums / (len(micro_batches) * self.world_size)
         norm = self.ds.get_global_grad_norm()

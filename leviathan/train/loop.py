@@ -265,7 +265,7 @@ def train(
 def write_state(engine: Engine, cfg: Config, step: int, directory: Path) -> None:
     """Everything a resume needs: engine state, the loop's step, every rank's RNG, config."""
     engine.save(directory)
-    torch.save(torch.get_rng_state(), directory / f"rng_rank{engine.rank}.pt")
+    torch.save(rng_state(), directory / f"rng_rank{engine.rank}.pt")
     if engine.rank == 0:
         torch.save({"step": step, "world_size": engine.world_size}, directory / "trainer.pt")
         (directory / "config.json").write_text(
@@ -286,7 +286,7 @@ def restore(engine: Engine, cfg: Config, directory: Path, log) -> int:
     state = torch.load(directory / "trainer.pt", weights_only=True)
     rng = directory / f"rng_rank{engine.rank}.pt"
     if state["world_size"] == engine.world_size and rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True))
+        set_rng_state(torch.load(rng, weights_only=True))
     else:
         torch.manual_seed(hash((cfg.train.seed, state["step"], engine.rank)) % 2**63)
     log(
@@ -294,6 +294,20 @@ def restore(engine: Engine, cfg: Config, directory: Path, log) -> int:
         f"({state['world_size']} -> {engine.world_size} ranks)"
     )
     return state["step"]
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU generator, and this rank's GPU one (dropout on GPU draws from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
