@@ -11,19 +11,10 @@ import yaml
 from leviathan.compare import CompareError, compare, parse_budget
 from leviathan.compare.runner import MARKER, cumulative_times, plan
 from leviathan.config import load_config
-from leviathan.data import bundled_documents
 from leviathan.sizing import model_size
 from leviathan.train.loop import train
 
 QUIET = {"log": lambda *_: None}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for doc in bundled_documents()[:3]:
-        (folder / f"{Path(doc.name).stem}.txt").write_text(doc.text[:40_000], encoding="utf-8")
-    return folder
 
 
 def write_config(folder: Path, name: str, corpus: Path, data_dir: Path, **model) -> str:

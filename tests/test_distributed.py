@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from leviathan.config import config_from_dict, load_config
-from leviathan.data import bundled_documents
 from leviathan.distributed.world import check_parallel
 from leviathan.errors import ConfigError
 from leviathan.train.loop import train
@@ -32,13 +31,9 @@ MOE = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden_mult": 2.0}
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> dict:
+def base(tmp_path_factory, corpus) -> dict:
     """A tiny model on three plays, its dataset prepared once for every launch."""
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for doc in bundled_documents()[:3]:
-        (corpus / f"{Path(doc.name).stem}.txt").write_text(doc.text[:60_000], encoding="utf-8")
     raw = {
         "model": {"block_size": 32, "n_layer": 2, "n_head": 2, "d_model": 32, "dropout": 0.0},
         "data": {
@@ -250,56 +245,29 @@ def test_ray_job_survives_a_killed_worker(base, oracle):
     print(f"ray job with one restart: {(out / 'good.seconds').read_text().strip()} s")
 
 
-def test_unreachable_cluster_inputs_are_named(base, tmp_path):
-    config = str(config_file(base, "dense"))
-    hosts = tmp_path / "hosts"
-    hosts.write_text("worker-1.invalid slots=2\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/train.py"),
-            "--hostfile",
-            str(hosts),
-            "--config",
-            config,
-        ],
+def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch" / script), *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def test_unreachable_cluster_inputs_are_named(base, tmp_path):
+    config = str(config_file(base, "dense"))
+    hosts = tmp_path / "hosts"
+    hosts.write_text("worker-1.invalid slots=2\n")
+    done = run_script("train.py", "--hostfile", str(hosts), "--config", config)
     assert done.returncode == 2
     assert (
         f"error: hostfile {hosts}: host 'worker-1.invalid': the name does not resolve"
         in done.stderr
     )
     hosts.write_text("node1 slots=two\n")
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/train.py"),
-            "--hostfile",
-            str(hosts),
-            "--config",
-            config,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("train.py", "--hostfile", str(hosts), "--config", config)
     assert done.returncode == 2 and f"hostfile {hosts}:1: expected `HOST slots=N`" in done.stderr
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/train_moe.py"),
-            "--address",
-            "http://127.0.0.1:9",
-            "--config",
-            config,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_script("train_moe.py", "--address", "http://127.0.0.1:9", "--config", config)
     assert done.returncode == 2
     assert "error: Ray address 'http://127.0.0.1:9': cannot connect to port 9" in done.stderr
 
@@ -361,17 +329,7 @@ def test_half_precision_under_deepspeed(base, precision):
 
 def test_ray_job_refuses_a_used_run_dir_without_resume(base):
     run_dir = dense_run(base, 2)
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "launch/train_moe.py"),
-            "--config",
-            str(config_file(base, "dense")),
-            f"run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    config = str(config_file(base, "dense"))
+    done = run_script("train_moe.py", "--config", config, f"run.dir={run_dir}")
     assert done.returncode == 2
     assert f"error: run.dir {run_dir} already holds checkpoints: pass --resume" in done.stderr

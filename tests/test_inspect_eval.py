@@ -9,20 +9,12 @@ import torch
 
 from leviathan.cli import main
 from leviathan.config import config_from_dict
-from leviathan.data import bundled_documents, load_tokens, read_documents, split_documents
+from leviathan.data import load_tokens, read_documents, split_documents
 from leviathan.introspect import attention_weights, distance_profile, token_kernels
 from leviathan.run import encode_documents, load_run
 from leviathan.train.loop import train
 
 SEQ = 16
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("corpus")
-    for doc in bundled_documents()[:3]:
-        (folder / f"{Path(doc.name).stem}.txt").write_text(doc.text[:40_000], encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,10 @@ import pytest
 import torch
 
 from leviathan.config import config_from_dict
-from leviathan.data import bundled_documents
 from leviathan.errors import CheckpointError, ConfigError
 from leviathan.run import load_run
 from leviathan.train.checkpoint import latest_checkpoint
 from leviathan.train.loop import train
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """Three plays as text files: enough for a 384-piece tokenizer and a few steps."""
-    folder = tmp_path_factory.mktemp("corpus")
-    for doc in bundled_documents()[:3]:
-        (folder / f"{Path(doc.name).stem}.txt").write_text(doc.text[:60_000], encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")
