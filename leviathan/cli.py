@@ -36,6 +36,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from leviathan.distributed.world import leave_world
     from leviathan.train.loop import train
 
     overrides = list(args.overrides)
@@ -46,6 +47,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
     summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    leave_world()  # one DeepSpeed rank (parallel.engine=deepspeed) joined a group
     print(f"\nsample:\n{summary.sample}\n")
     print(f"final val loss {summary.val_loss:.4f} nats/token")
     print(
