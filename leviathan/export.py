@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from leviathan.distributed.engine import CONSOLIDATED, LAYOUT, TAG
 from leviathan.errors import CheckpointError
 from leviathan.train.checkpoint import atomic_write_bytes, verify_checkpoint
 
@@ -26,26 +27,23 @@ def model_state(directory: Path) -> dict[str, torch.Tensor]:
     verify_checkpoint(directory)
     if (directory / "model.pt").is_file():
         return torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-    layout = json.loads((directory / "engine.json").read_text(encoding="utf-8"))
-    if layout["ep_size"] > 1:
-        raise CheckpointError(
-            f"checkpoint {directory} splits experts over ep_size={layout['ep_size']} ranks; "
-            "resume it with ep_size 1 for a step to export it"
-        )
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
-    shards = directory / "deepspeed"
-    if layout["zero_stage"] == 0:
-        states = torch.load(
-            shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
-        state = states["module"]
-    else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag="deepspeed")
-    state = {k: v.float() for k, v in state.items()}
+    state = deepspeed_state(directory)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     state.setdefault("head.weight", state["tok_emb.weight"])
     return state
+
+
+def deepspeed_state(directory: Path) -> dict[str, torch.Tensor]:
+    layout = json.loads((directory / LAYOUT).read_text(encoding="utf-8"))
+    if layout["ep_size"] > 1:  # the engine wrote it whole: DeepSpeed's tools cannot
+        return torch.load(directory / CONSOLIDATED, map_location="cpu", weights_only=True)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if layout["zero_stage"] == 0:
+        states = directory / TAG / "mp_rank_00_model_states.pt"
+        return torch.load(states, map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
 
 
 def export_run(run_dir: Path, checkpoint: Path, out: Path | None = None) -> Path:

@@ -144,17 +144,27 @@ def test_zero_stages_on_two_ranks_equal_one_rank_with_accumulation(base, oracle,
         assert run["parallel"]["local_params"] == run["params"]
 
 
+def expert_parallel_run(base) -> Path:
+    """The MoE split over 2 expert-parallel ranks at ZeRO-2, stopped at step 4 and
+    resumed (launched once per session)."""
+    run_dir = base["root"] / "moe-ep2-z2"
+    if not (run_dir / "summary.json").is_file():
+        layout = ("parallel.zero_stage=2", "model.ffn.ep_size=2")
+        config = config_file(base, "moe", MOE)
+        launch(config, 2, run_dir, *layout, flags=["--stop-at", "4"])
+        launch(config, 2, run_dir, *layout, flags=["--resume"])
+    return run_dir
+
+
 def test_moe_expert_parallel_and_zero3(base, oracle):
     config = config_file(base, "moe", MOE)
-    runs = {
-        "ep1-z2": ("parallel.zero_stage=2",),
-        "ep2-z2": ("parallel.zero_stage=2", "model.ffn.ep_size=2"),
-        "ep1-z3": ("parallel.zero_stage=3",),
-    }
-    for name, overrides in runs.items():
-        launch(config, 2, base["root"] / f"moe-{name}", *overrides)
+    runs = {"ep1-z2": "parallel.zero_stage=2", "ep1-z3": "parallel.zero_stage=3"}
+    for name, stage in runs.items():
+        launch(config, 2, base["root"] / f"moe-{name}", stage)
         assert_same_curve(losses(base["root"] / f"moe-{name}"), oracle["moe"])
-    assert summary(base["root"] / "moe-ep2-z2")["parallel"]["ep_size"] == 2
+    ep2 = expert_parallel_run(base)  # each rank's experts and their moments survive a resume
+    assert_same_curve(losses(ep2), oracle["moe"])
+    assert summary(ep2)["parallel"]["ep_size"] == 2
 
 
 def test_check_parallel_refuses_impossible_layouts(base):
@@ -282,19 +292,23 @@ def test_resuming_another_models_checkpoint_names_the_key(base):
 
 
 def test_export_consolidates_any_layout_for_eval_and_sample(base, oracle):
-    """A ZeRO-3 run sharded over 2 ranks and a plain one-process run export to one
-    safetensors file each; `eval` on it scores the val split exactly as training did."""
+    """A ZeRO-3 run sharded over 2 ranks, an MoE whose experts were split over 2 ranks and
+    a plain one-process run export to one safetensors file each; `eval` on it scores the
+    val split exactly as training did."""
     from leviathan.errors import CheckpointError
     from leviathan.export import read_export
 
     cli = [sys.executable, "-m", "leviathan.cli"]
-    for run_dir in (dense_run(base, 3), base["root"] / "oracle-dense"):
+    runs = (dense_run(base, 3), expert_parallel_run(base), base["root"] / "oracle-dense")
+    for run_dir in runs:
         done = subprocess.run(
             [*cli, "export", "--run", str(run_dir)], capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
         state, config, step = read_export(run_dir / "model.safetensors")
         assert step == STEPS and config["model"]["d_model"] == 32
+        experts = [v.shape[0] for k, v in state.items() if k.endswith("experts.w_in")]
+        assert experts == ([MOE["n_experts"]] * 2 if "moe" in run_dir.name else [])
         done = subprocess.run([*cli, "eval", "--run", str(run_dir)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         bpc = float(done.stdout.split("val BPC ")[1].split()[0])

@@ -27,6 +27,7 @@ from leviathan.train.optim import param_groups
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
 LAYOUT = "engine.json"
+CONSOLIDATED = "consolidated.pt"  # expert-parallel runs: the full fp32 weights, all experts
 
 
 class DeepSpeedEngine:
@@ -43,6 +44,7 @@ class DeepSpeedEngine:
             "precision": cfg.train.precision,
         }
         self.grad_accum = cfg.train.grad_accum
+        self.ep_group = world.ep_group
         self.config = deepspeed_config(cfg, on_gpu=world.device.type == "cuda")
         self.ds = build_deepspeed(model, cfg.train.weight_decay, self.config, self.layout)
 
@@ -86,8 +88,11 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        consolidated = full_state(self.model, self.ep_group) if self.ep_group else None
         if self.rank == 0:
             (directory / LAYOUT).write_text(json.dumps(self.layout, indent=1), encoding="utf-8")
+            if consolidated is not None:
+                torch.save(consolidated, directory / CONSOLIDATED)
 
     def load(self, directory: Path) -> None:
         saved = read_layout(directory)
@@ -104,6 +109,8 @@ class DeepSpeedEngine:
         same = all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
         if same or saved["zero_stage"] == 0 == self.layout["zero_stage"]:
             load_native(self.ds, directory)
+            if self.ep_group:
+                restore_experts(self.model, directory / CONSOLIDATED, self.ep_group)
             return
         if self.layout["ep_size"] > 1:
             raise CheckpointError(
@@ -131,6 +138,49 @@ class DeepSpeedEngine:
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
+
+
+def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor]:
+    """The whole model's fp32 weights, every expert included, on every rank (collective).
+
+    DeepSpeed writes only its own MoE class's experts to expert files: for ours, rank 0's
+    model states hold rank 0's experts and the others' live only in their optimizer
+    shards, which its consolidation tools cannot read. So an expert-parallel checkpoint
+    also carries this file, from which `leviathan export` / `eval` / `sample` load. Values
+    are the optimizer's fp32 masters where DeepSpeed keeps them (ZeRO-1/2, bf16), else
+    the weights themselves.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in model.named_parameters():
+        value = safe_get_full_fp32_param(param)
+        value = (param.detach() if value is None else value).float()
+        if getattr(param, "group_name", None):  # this rank's experts: gather the others'
+            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
+            dist.all_gather(parts, value, group=ep_group)
+            value = torch.cat(parts)  # expert-parallel rank r holds experts r*E_local...
+        state[name] = value.cpu()
+    saved = model.state_dict().keys()  # persistent buffers only
+    state |= {k: b.detach().cpu() for k, b in model.named_buffers() if k in saved}
+    return state
+
+
+def restore_experts(model: nn.Module, consolidated: Path, ep_group: Any) -> None:
+    """Give each expert-parallel rank back its own experts' weights.
+
+    DeepSpeed reloads every rank's module from rank 0's model states, so the other ranks
+    come back holding rank 0's experts: under ZeRO-1/2 until the next step copies the
+    (correctly restored) fp32 masters over them, which makes that first step wrong;
+    without ZeRO for good. Each rank takes its slice of the consolidated file instead.
+    """
+    state = torch.load(consolidated, map_location="cpu", weights_only=True)
+    rank = dist.get_rank(ep_group)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if getattr(param, "group_name", None):
+                n = param.shape[0]
+                param.copy_(state[name][rank * n : (rank + 1) * n])
 
 
 def repair_zero3_universal_load(optimizer: Any, hyper: list[dict]) -> None:
