@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from leviathan.cli import add_config_args, run_command  # noqa: E402
 from leviathan.config import load_config  # noqa: E402
 from leviathan.distributed.hosts import check_hostfile  # noqa: E402
-from leviathan.distributed.world import leave_world  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -74,7 +73,6 @@ def main(argv: list[str]) -> None:
     summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
     if summary.parallel["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"final val BPC {summary.val_bpc:.4f} after {summary.steps} steps")
-    leave_world()
 
 
 if __name__ == "__main__":

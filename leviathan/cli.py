@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
+from leviathan.distributed.world import leave_world
 from leviathan.errors import LeviathanError
 
 T = TypeVar("T")
@@ -36,7 +37,6 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from leviathan.distributed.world import leave_world
     from leviathan.train.loop import train
 
     overrides = list(args.overrides)
@@ -47,7 +47,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
     summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
-    leave_world()  # one DeepSpeed rank (parallel.engine=deepspeed) joined a group
     print(f"\nsample:\n{summary.sample}\n")
     print(f"final val loss {summary.val_loss:.4f} nats/token")
     print(
@@ -279,12 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(func: Callable[[T], int | None], arg: T) -> int:
-    """Run a command: a Leviathan error is one `error: ...` line and exit status 2."""
+    """Run a command: a Leviathan error is one `error: ...` line and exit status 2.
+    A process group the command joined (a DeepSpeed rank) is left before the exit."""
     try:
-        return func(arg) or 0
+        status = func(arg) or 0
     except LeviathanError as err:
         print(f"error: {err}", file=sys.stderr)
+        leave_world(wait=False)
         return 2
+    leave_world()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

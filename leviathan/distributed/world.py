@@ -104,17 +104,18 @@ def init_world(cfg: Config) -> World:
     return World("deepspeed", rank, world_size, device, ep_group)
 
 
-def leave_world() -> None:
-    """End of a process that joined a process group: wait for every rank, then destroy
-    the group while Python is still alive. A gloo group left to interpreter shutdown can
-    abort a rank that finished cleanly ("terminate called without an active exception":
-    its worker threads still hold tensors when the interpreter is torn down)."""
+def leave_world(wait: bool = True) -> None:
+    """End of a process that joined a process group: wait for every rank (unless it is
+    failing), then destroy the group while Python is still alive. A gloo group left to
+    interpreter shutdown can abort a rank that finished cleanly ("terminate called without
+    an active exception": its worker threads still hold tensors at teardown)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         import deepspeed.comm  # joined through it (init_world): it drops its cached groups too
 
-        dist.barrier()
+        if wait:
+            dist.barrier()
         deepspeed.comm.destroy_process_group()
 
 
