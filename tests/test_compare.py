@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from leviathan.compare import CompareError, compare, parse_budget
-from leviathan.compare.runner import MARKER, cumulative_times, plan
+from leviathan.compare.plan import MARKER, plan
+from leviathan.compare.results import cumulative_times
 from leviathan.config import load_config
 from leviathan.sizing import model_size
 from leviathan.train.loop import train

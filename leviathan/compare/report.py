@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
-    from leviathan.compare.runner import Comparison, ConfigResult
+    from leviathan.compare.results import Comparison, ConfigResult
 
 PLOT_STEPS = "val_bpc_steps.png"
 PLOT_TIME = "val_bpc_time.png"

@@ -1,0 +1,164 @@
+"""What a comparison's runs left: per run, per config, and the whole comparison."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from leviathan.compare.plan import Budget, RunSpec, read_json
+from leviathan.sizing import ModelSize
+
+
+@dataclass
+class RunResult:
+    name: str
+    label: str
+    seed: int
+    dir: str
+    status: Literal["trained", "resumed", "reused", "failed"]
+    error: str | None = None
+    steps: int | None = None
+    final_val_bpc: float | None = None
+    final_val_loss: float | None = None
+    best_val_bpc: float | None = None
+    tokens_per_s: float | None = None  # median training throughput over the steps
+    train_s: float | None = None  # training time (all sessions, periodic evals included)
+    curve: list[dict[str, float]] = field(default_factory=list)  # step, time_s, val_bpc
+
+
+@dataclass
+class ConfigResult:
+    label: str
+    config_path: str
+    mixer: str
+    ffn: str
+    size: ModelSize | None
+    runs: list[RunResult]
+
+    @property
+    def ok(self) -> list[RunResult]:
+        return [r for r in self.runs if r.status != "failed"]
+
+    def final_bpc(self) -> tuple[float, float] | None:
+        """Mean and sample standard deviation (0 for one run) of the finished runs."""
+        values = [r.final_val_bpc for r in self.ok if r.final_val_bpc is not None]
+        if not values:
+            return None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def best_bpc(self) -> float | None:
+        values = [r.best_val_bpc for r in self.ok if r.best_val_bpc is not None]
+        return min(values) if values else None
+
+    def tokens_per_s(self) -> float | None:
+        values = [r.tokens_per_s for r in self.ok if r.tokens_per_s is not None]
+        return statistics.fmean(values) if values else None
+
+    def to_dict(self) -> dict[str, Any]:
+        final = self.final_bpc()
+        return {
+            "label": self.label,
+            "config": self.config_path,
+            "mixer": self.mixer,
+            "ffn": self.ffn,
+            "params": self.size.total if self.size else None,
+            "active_params": self.size.active if self.size else None,
+            "flops_per_token": self.size.flops_per_token if self.size else None,
+            "final_val_bpc_mean": final[0] if final else None,
+            "final_val_bpc_std": final[1] if final else None,
+            "best_val_bpc": self.best_bpc(),
+            "tokens_per_s": self.tokens_per_s(),
+            "runs_ok": len(self.ok),
+            "runs": [asdict(r) for r in self.runs],
+        }
+
+
+@dataclass
+class Comparison:
+    out: Path
+    budget: Budget
+    seeds: list[int]
+    data: dict[str, Any]
+    configs: list[ConfigResult]
+
+    @property
+    def failed(self) -> list[RunResult]:
+        return [r for c in self.configs for r in c.runs if r.status == "failed"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": str(self.budget),
+            "seeds": self.seeds,
+            "data": self.data,
+            "configs": [c.to_dict() for c in self.configs],
+        }
+
+
+def describe_mixer(options: Any) -> str:
+    if options.kind == "token_xcorr":
+        return f"token_xcorr W={options.window_q}x{options.window_k} r={options.rank}"
+    if options.kind == "channel_xcorr":
+        return f"channel_xcorr L={options.lags}"
+    return options.kind
+
+
+def describe_ffn(options: Any) -> str:
+    if options.kind == "dense":
+        return f"dense {options.activation} {options.hidden_mult:g}x"
+    if options.kind == "moe":
+        text = f"moe {options.n_experts}e top-{options.top_k} {options.expert_hidden_mult:g}x"
+        if options.n_shared:
+            text += f" +{options.n_shared} shared"
+        if options.moe_every > 1:
+            text += f" every {options.moe_every}"
+        return text
+    return options.kind
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def cumulative_times(records: list[dict[str, Any]]) -> list[float]:
+    """Training time at each record across sessions: `elapsed_s` restarts on resume."""
+    times, offset, last, last_total = [], 0.0, 0.0, 0.0
+    for record in records:
+        elapsed = record["elapsed_s"]
+        if elapsed < last:
+            offset = last_total
+        last = elapsed
+        last_total = offset + elapsed
+        times.append(last_total)
+    return times
+
+
+def collect(spec: RunSpec, status: str, error: str | None = None) -> RunResult:
+    """What a run folder shows: summary, curve, throughput (partial for a failed run)."""
+    records = read_records(spec.dir)
+    times = cumulative_times(records)
+    curve = [
+        {"step": r["step"], "time_s": t, "val_bpc": r["val_bpc"]}
+        for r, t in zip(records, times, strict=True)
+        if "val_bpc" in r
+    ]
+    summary = read_json(spec.dir / "summary.json") if status != "failed" else None
+    result = RunResult(spec.name, spec.label, spec.seed, str(spec.dir), status, error, curve=curve)
+    if records:
+        result.steps = records[-1]["step"]
+        result.tokens_per_s = statistics.median(r["tokens_per_s"] for r in records)
+        result.train_s = times[-1]
+    if summary is not None:
+        result.steps = summary["steps"]
+        result.final_val_bpc = summary["val_bpc"]
+        result.final_val_loss = summary["val_loss"]
+    bests = [p["val_bpc"] for p in curve] + (
+        [result.final_val_bpc] if result.final_val_bpc is not None else []
+    )
+    result.best_val_bpc = min(bests) if bests else None
+    return result
