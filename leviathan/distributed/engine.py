@@ -57,16 +57,15 @@ class DeepSpeedEngine:
         self.ds.train()
         for group in self.ds.optimizer.param_groups:
             group["lr"] = lr
-        total = aux_total = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, aux
         for x, y in micro_batches:
             _, loss = self.ds(x.to(self.device), y.to(self.device))
             aux = self.model.aux_loss()
             self.ds.backward(loss + aux)
             self.ds.step()  # steps the optimizer only at the accumulation boundary
-            total += loss.item()
-            aux_total += aux.item()
+            sums[0] += loss.detach()  # summed on the device: no sync per micro-batch
+            sums[1] += aux.detach()
         self.model.after_optimizer_step()
-        sums = torch.tensor([total, aux_total], dtype=torch.float64, device=self.device)
         dist.all_reduce(sums)  # report the whole world's mean, as one rank would see it
         mean = sums / (len(micro_batches) * self.world_size)
         norm = self.ds.get_global_grad_norm()
@@ -140,8 +139,9 @@ class DeepSpeedEngine:
                 shutil.rmtree(universal, ignore_errors=True)
 
 
-def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor]:
-    """The whole model's fp32 weights, every expert included, on every rank (collective).
+def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor] | None:
+    """The whole model's fp32 weights, every expert included, for rank 0 (every rank
+    calls it: the gathers are collective; the others get None).
 
     DeepSpeed writes only its own MoE class's experts to expert files: for ours, rank 0's
     model states hold rank 0's experts and the others' live only in their optimizer
@@ -152,6 +152,7 @@ def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor]:
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
+    keep = dist.get_rank() == 0
     state = {}
     for name, param in model.named_parameters():
         value = safe_get_full_fp32_param(param)
@@ -160,7 +161,10 @@ def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor]:
             parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
             dist.all_gather(parts, value, group=ep_group)
             value = torch.cat(parts)  # expert-parallel rank r holds experts r*E_local...
-        state[name] = value.cpu()
+        if keep:
+            state[name] = value.cpu()
+    if not keep:
+        return None
     saved = model.state_dict().keys()  # persistent buffers only
     state |= {k: b.detach().cpu() for k, b in model.named_buffers() if k in saved}
     return state
@@ -170,11 +174,12 @@ def restore_experts(model: nn.Module, consolidated: Path, ep_group: Any) -> None
     """Give each expert-parallel rank back its own experts' weights.
 
     DeepSpeed reloads every rank's module from rank 0's model states, so the other ranks
-    come back holding rank 0's experts: under ZeRO-1/2 until the next step copies the
-    (correctly restored) fp32 masters over them, which makes that first step wrong;
-    without ZeRO for good. Each rank takes its slice of the consolidated file instead.
+    come back holding rank 0's experts (seen under ZeRO-2: its fp32 masters were right,
+    the module's experts were rank 0's, and the first step after a resume was off by
+    7.5e-4). Each rank takes its slice of the consolidated file instead; memory-mapped,
+    so a rank reads its own experts, not the whole model.
     """
-    state = torch.load(consolidated, map_location="cpu", weights_only=True)
+    state = torch.load(consolidated, map_location="cpu", weights_only=True, mmap=True)
     rank = dist.get_rank(ep_group)
     with torch.no_grad():
         for name, param in model.named_parameters():

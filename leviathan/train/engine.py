@@ -68,21 +68,21 @@ class TorchEngine:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = aux_total = 0.0
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # loss, aux
         for x, y in micro_batches:
             with autocast(self.device, self.precision):
                 _, loss = self.model(x.to(self.device), y.to(self.device))
                 aux = self.model.aux_loss()
             ((loss + aux) / len(micro_batches)).backward()
-            total += loss.item()
-            aux_total += aux.item()
+            sums[0] += loss.detach()  # summed on the device: no sync per micro-batch
+            sums[1] += aux.detach()
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_optimizer_step()
-        n = len(micro_batches)
-        return StepResult(loss=total / n, aux_loss=aux_total / n, grad_norm=float(grad_norm))
+        mean_loss, mean_aux = (sums / len(micro_batches)).tolist()
+        return StepResult(loss=mean_loss, aux_loss=mean_aux, grad_norm=float(grad_norm))
 
     def barrier(self) -> None:
         """One process: nothing to wait for."""
