@@ -19,6 +19,7 @@ import yaml
 from leviathan.errors import ConfigError
 from leviathan.model.ffn import FFNS, DenseOptions
 from leviathan.model.mixers import MIXERS, DotOptions
+from moe import MoEOptions
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "configs/tiny.yaml"
@@ -132,7 +133,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def config_from_dict(raw: dict[str, Any]) -> Config:
     cfg = parse(Config, raw, "")
     validate(cfg)
+    derive(cfg)
     return cfg
+
+
+def derive(cfg: Config) -> None:
+    """Fill the keys other keys decide: a capacity-mode MoE sizes its expert slots per
+    sequence of train.seq_len tokens (so eval and generation drop what training did)."""
+    ffn = cfg.model.ffn
+    if isinstance(ffn, MoEOptions) and ffn.capacity_factor is not None:
+        if ffn.capacity_seq_len is None:
+            ffn.capacity_seq_len = cfg.train.seq_len
 
 
 def resolve_config_path(path: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Sparse Mixture-of-Experts FFN library (self-contained: imports nothing from leviathan)."""
 
 from moe.balance import switch_aux_loss, update_bias, z_loss
-from moe.dispatch import Plan, capacity, combine, gather, plan
+from moe.dispatch import Plan, capacity, combine, drops_per_position, gather, plan
 from moe.experts import MLP, Experts
 from moe.layer import MoE
 from moe.options import MoEOptions, check_options
@@ -19,6 +19,7 @@ __all__ = [
     "capacity",
     "check_options",
     "combine",
+    "drops_per_position",
     "exchange_and_run",
     "gather",
     "plan",

@@ -4,10 +4,14 @@ Dropless (default): every assignment is kept; one stable sort by expert id gives
 expert one contiguous slice of exactly its tokens (no padding, no (T, E, C) one-hot).
 
 Capacity mode: each expert keeps at most `capacity = ceil(k * T / E * factor)`
-assignments. Priority rule: assignments are ranked in POSITION order - by token
-position, then by choice slot 0..k-1 (the row-major order of the (T, k) index tensor) -
-and an expert keeps its first `capacity` of them. A dropped assignment contributes
-zero, so for that slot the token passes through the residual unchanged.
+assignments from each group of T consecutive tokens. Priority rule: within a group,
+assignments are ranked in POSITION order - by token position, then by choice slot
+0..k-1 (the row-major order of the (T, k) index tensor) - and an expert keeps its first
+`capacity` of them. With one group per sequence (the `sequence` policy) a token's fate
+depends only on the tokens at or before it in its own sequence: causal. With the whole
+batch as one group (`batch`) earlier rows take slots from later ones. A dropped
+assignment contributes zero, so for that slot the token passes through the residual
+unchanged.
 
 On one process `Experts.forward` fuses gather -> expert -> gated scatter-add expert by
 expert; `gather` and `combine` are the whole-tensor halves that the expert-parallel path
@@ -34,6 +38,7 @@ class Plan:
     counts: list[int]  # (E,) kept rows per expert: the slice lengths
     routed: torch.Tensor  # (E,) assignments routed to each expert, before any dropping
     dropped: int  # assignments dropped for capacity (0 when dropless)
+    dropped_idx: torch.Tensor | None = None  # (dropped,) flat assignments dropped (capacity)
 
 
 def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
@@ -41,20 +46,45 @@ def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
     return math.ceil(top_k * n_tokens / n_experts * factor)
 
 
-def plan(indices: torch.Tensor, n_experts: int, cap: int | None = None) -> Plan:
-    """Sort the (T, k) assignments by expert (stable: position order within an expert)."""
+def plan(
+    indices: torch.Tensor, n_experts: int, cap: int | None = None, group: int | None = None
+) -> Plan:
+    """Sort the (T, k) assignments by expert (stable: position order within an expert).
+
+    With `cap`, an expert keeps its first `cap` assignments of every `group` consecutive
+    tokens (None: of all of them); the rest are dropped.
+    """
     top_k = indices.shape[1]
     flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
     routed = torch.bincount(flat, minlength=n_experts)
-    kept = routed
-    if cap is not None:
-        starts = routed.cumsum(0) - routed
-        rank = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
-        order = order[rank < cap]
-        kept = routed.clamp(max=cap)
-    counts = kept.tolist()
-    return Plan(order // top_k, order, counts, routed, flat.numel() - order.numel())
+    if cap is None:
+        order = torch.argsort(flat, stable=True)
+        return Plan(order // top_k, order, routed.tolist(), routed, 0)
+    n_groups = 1 if group is None else -(-indices.shape[0] // group)
+    # one key per (expert, group): a stable sort by it groups by expert, then by group,
+    # in position order; an assignment's rank within its key decides its fate
+    key = (
+        flat
+        if group is None
+        else flat * n_groups + torch.arange(flat.numel(), device=flat.device) // (group * top_k)
+    )
+    order = torch.argsort(key, stable=True)
+    sizes = torch.bincount(key, minlength=n_experts * n_groups)
+    starts = sizes.cumsum(0) - sizes
+    rank = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
+    keep = rank < cap
+    kept_order = order[keep]
+    counts = torch.bincount(flat[kept_order], minlength=n_experts).tolist()
+    dropped = order[~keep]
+    return Plan(kept_order // top_k, kept_order, counts, routed, dropped.numel(), dropped)
+
+
+def drops_per_position(p: Plan, top_k: int, seq_len: int) -> torch.Tensor:
+    """(seq_len,) dropped assignments at each position of the sequences (all rows summed)."""
+    if p.dropped_idx is None:
+        return torch.zeros(seq_len, dtype=torch.long)
+    pos = (p.dropped_idx // top_k) % seq_len
+    return torch.bincount(pos, minlength=seq_len).cpu()
 
 
 def gather(x: torch.Tensor, p: Plan) -> torch.Tensor:

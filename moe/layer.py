@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moe import balance, dispatch
@@ -16,6 +19,24 @@ def _world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+POSITION_BINS = 16  # spans of the sequence the per-position drop fractions are reported in
+
+
+def _add_padded(total: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
+    """total + more, the shorter zero-padded (sequence lengths may differ between calls)."""
+    n = max(total.numel(), more.numel())
+    return F.pad(total, (0, n - total.numel())) + F.pad(more, (0, n - more.numel()))
+
+
+def _binned_fraction(part: torch.Tensor, whole: torch.Tensor, bins: int) -> list[float]:
+    """sum(part) / sum(whole) over `bins` equal spans (fewer when shorter)."""
+    spans = torch.arange(whole.numel()) * min(bins, whole.numel()) // whole.numel()
+    n = int(spans.max()) + 1
+    num = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, part.double())
+    den = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, whole.double())
+    return (num / den.clamp(min=1)).tolist()
 
 
 class MoE(nn.Module):
@@ -68,14 +89,14 @@ class MoE(nn.Module):
         self._bias_load = torch.zeros(o.n_experts, dtype=torch.long)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., T, d), a batch of sequences of T positions ((T, d): one sequence)."""
         o, shape = self.options, x.shape
+        seq_len = shape[-2] if x.dim() > 2 else shape[0]
         x = x.reshape(-1, self.d_model)
         n_tokens = x.shape[0]
         r = self.router(x)
-        cap = None
-        if o.capacity_factor is not None:
-            cap = dispatch.capacity(n_tokens, o.n_experts, o.top_k, o.capacity_factor)
-        p = dispatch.plan(r.indices, o.n_experts, cap)
+        cap, group = self._capacity(n_tokens, seq_len)
+        p = dispatch.plan(r.indices, o.n_experts, cap, group)
         if o.ep_size > 1:
             ys = exchange_and_run(dispatch.gather(x, p), p.counts, self.experts, self.ep_group)
             out = dispatch.combine(ys, r.gates, p, n_tokens)
@@ -84,10 +105,33 @@ class MoE(nn.Module):
             out = self.experts(x, p.token_idx, p.counts, gates)
         if self.shared is not None:
             out = out + self.shared(x)
-        self.aux_loss = self._balance_losses(r, p)
+        self.aux_loss = self._balance_losses(r, p, seq_len)
         return self.dropout(out).reshape(shape)
 
-    def _balance_losses(self, r: Routing, p: dispatch.Plan) -> torch.Tensor:
+    def _capacity(self, n_tokens: int, seq_len: int) -> tuple[int | None, int | None]:
+        """(slots per expert, tokens that compete for them); (None, None) when dropless.
+
+        The sequence policy sizes the slots from `capacity_seq_len` (the length trained
+        at), not the input's length, so a prefix scored alone (generation) drops exactly
+        what it drops inside the full sequence.
+        """
+        o = self.options
+        if o.capacity_factor is None:
+            return None, None
+        if o.capacity_policy == "sequence":
+            length = o.capacity_seq_len or seq_len
+            return dispatch.capacity(length, o.n_experts, o.top_k, o.capacity_factor), seq_len
+        if not self.training:
+            warnings.warn(
+                "MoE capacity_policy 'batch': the sequences of a batch compete for expert "
+                "slots, so scores depend on the other rows and on later tokens (not causal); "
+                "evaluation and generation differ from training. Use capacity_policy "
+                "'sequence' for causal scores.",
+                stacklevel=2,
+            )
+        return dispatch.capacity(n_tokens, o.n_experts, o.top_k, o.capacity_factor), None
+
+    def _balance_losses(self, r: Routing, p: dispatch.Plan, seq_len: int) -> torch.Tensor:
         """Sets the loss terms; while training also accumulates the detached metrics."""
         o = self.options
         if not r.indices.numel():  # an empty batch: nothing to balance, nothing to count
@@ -108,6 +152,11 @@ class MoE(nn.Module):
                 m["load"] += p.routed.cpu()
                 m["dropped"] += p.dropped
                 m["assigned"] += r.indices.numel()
+                if o.capacity_factor is not None:
+                    drops = dispatch.drops_per_position(p, o.top_k, seq_len)
+                    per_pos = torch.full((seq_len,), r.indices.numel() // seq_len)
+                    m["dropped_at"] = _add_padded(m["dropped_at"], drops)
+                    m["assigned_at"] = _add_padded(m["assigned_at"], per_pos)
                 m["entropy"] += float(torch.special.entr(probs).sum(-1).mean())
                 if aux is None:
                     aux = balance.switch_aux_loss(probs, r.indices, o.n_experts)
@@ -120,6 +169,8 @@ class MoE(nn.Module):
     def _reset_metrics(self) -> None:
         load = torch.zeros(self.options.n_experts, dtype=torch.long)
         self._metrics: dict = dict(steps=0, load=load, dropped=0, assigned=0)
+        empty = torch.zeros(0, dtype=torch.long)
+        self._metrics.update(dropped_at=empty, assigned_at=empty)  # per position
         self._metrics.update(entropy=0.0, aux_loss=0.0, z_loss=0.0)
 
     def pop_metrics(self) -> dict[str, float | list[int]]:
@@ -127,7 +178,9 @@ class MoE(nn.Module):
 
         load: routed assignments per expert (summed over the forwards, this rank's tokens);
         imbalance: max/mean of load; load_cv: std/mean (population std); dropped_frac:
-        dropped / routed assignments; router_entropy: mean over tokens of the entropy (nats)
+        dropped / routed assignments; dropped_frac_by_position (capacity mode): the dropped
+        fraction in each of up to POSITION_BINS equal spans of the sequence, first to last;
+        router_entropy: mean over tokens of the entropy (nats)
         of the normalised scores; aux_loss, z_loss: raw (uncoefficiented) values averaged
         over the forwards; bias_norm: L2 norm of the loss-free bias (balance: loss_free).
         """
@@ -145,6 +198,10 @@ class MoE(nn.Module):
             "aux_loss": m["aux_loss"] / m["steps"],
             "z_loss": m["z_loss"] / m["steps"],
         }
+        if m["assigned_at"].numel():
+            out["dropped_frac_by_position"] = _binned_fraction(
+                m["dropped_at"], m["assigned_at"], POSITION_BINS
+            )
         if self.options.balance == "loss_free":
             out["bias_norm"] = self.router.bias.norm().item()
         self._reset_metrics()

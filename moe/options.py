@@ -15,6 +15,11 @@ class MoEOptions:
     expert_hidden_mult: float = 4.0  # expert width = mult * d_model; fine-grained: e.g. 0.5
     activation: Literal["gelu", "swiglu"] = "gelu"
     capacity_factor: float | None = None  # None: dropless; else capacity = ceil(k*T/E*factor)
+    # sequence: T is a sequence's length and slots go in position order within each
+    # sequence (causal); batch: T counts the whole batch, which competes for one pool
+    # (rows of the batch take slots from each other: not causal, for comparison only)
+    capacity_policy: Literal["sequence", "batch"] = "sequence"
+    capacity_seq_len: int | None = None  # sequence policy's T; None: the input's length
     score: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = True  # renormalise the top-k gate weights to sum to 1
     jitter: float = 0.0  # multiplicative input noise U(1-eps, 1+eps) on the router, training only
@@ -49,6 +54,10 @@ def check_options(o: MoEOptions) -> None:
         raise ValueError(
             f"capacity_factor: must be positive (omit it for dropless), got {o.capacity_factor}"
         )
+    if o.capacity_policy not in ("sequence", "batch"):
+        raise ValueError(f"capacity_policy: expected sequence or batch, got {o.capacity_policy!r}")
+    if o.capacity_seq_len is not None and o.capacity_seq_len < 1:
+        raise ValueError(f"capacity_seq_len: must be >= 1, got {o.capacity_seq_len}")
     for name in ("jitter", "aux_coef", "z_coef", "bias_rate"):
         if getattr(o, name) < 0:
             raise ValueError(f"{name}: must be >= 0, got {getattr(o, name)}")
