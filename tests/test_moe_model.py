@@ -87,8 +87,9 @@ def test_tiny_moe_trains_and_writes_routing_metrics(tmp_path):
         "configs/tiny-moe.yaml",
         [
             f"run.dir={tmp_path / 'run'}",
-            "run.wandb=disabled",
+            "run.wandb=offline",
             f"data.dir={tmp_path / 'data'}",
+            "model.ffn.capacity_factor=1.25",
             "data.tokenizer.vocab_size=512",
             "model.n_layer=2",
             "model.d_model=64",
@@ -115,3 +116,10 @@ def test_tiny_moe_trains_and_writes_routing_metrics(tmp_path):
     final = records[-1]["moe"]
     assert all(final[layer]["imbalance"] < 2.5 for layer in final)  # bounded, 8 experts
     assert (tmp_path / "run" / "expert_load.png").is_file()
+    for layer in final:  # capacity mode: drops per sixteenth of the sequence
+        by_position = final[layer]["dropped_frac_by_position"]
+        assert len(by_position) == 16 and all(0 <= f <= 1 for f in by_position)
+    # the load heatmap reached W&B as an image at each evaluation (steps 30 and 60)
+    media = tmp_path / "run" / "wandb"
+    images = sorted(media.glob("offline-run-*/files/media/images/moe/expert_load_*.png"))
+    assert len(images) == 2, sorted(str(p) for p in media.rglob("*.png"))

@@ -203,6 +203,10 @@ def train(
         if main:
             metrics.log(record)
             wandb_run.log(record)
+            if routing and "val_loss" in record and wandb_run.run is not None:
+                load_png = run_dir / "expert_load.png"
+                plot_expert_load(run_dir / "metrics.jsonl", load_png)
+                wandb_run.log_image("moe/expert_load", load_png, done)
             bar.set_postfix(
                 loss=f"{result.loss:.3f}",
                 tok_s=f"{record['tokens_per_s']:.0f}",

@@ -70,6 +70,13 @@ class WandbRun:
         if self.run is not None:
             self.run.log(scalars(record), step=record["step"])
 
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        """A PNG (the expert-load heatmap) as a W&B image at `step`."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Image(str(path))}, step=step)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
