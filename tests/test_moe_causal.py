@@ -174,9 +174,10 @@ def test_sequence_plan_and_drops_per_position_match_a_brute_force_walk(top_k):
     layer(x)
     got = layer.pop_metrics()
     spans = [i * min(16, seq_len) // seq_len for i in range(seq_len)]
+    per_span = [rows * top_k * spans.count(b) for b in range(max(spans) + 1)]
     want = [
-        sum(d for d, s in zip(drops, spans, strict=True) if s == b) / (rows * top_k * spans.count(b))
-        for b in range(max(spans) + 1)
+        sum(d for d, s in zip(drops, spans, strict=True) if s == b) / n
+        for b, n in enumerate(per_span)
     ]
     assert got["dropped_frac_by_position"] == pytest.approx(want)
     assert got["dropped_frac"] == pytest.approx(sum(drops) / (rows * seq_len * top_k))
