@@ -80,7 +80,14 @@ class MoE(nn.Module):
         self.router = Router(d_model, o.n_experts, o.score, o.top_k, o.renormalize, o.jitter)
         h, act = self.hidden, o.activation
         self.experts = Experts(
-            o.n_experts, d_model, h, act, bias, ep_size=o.ep_size, ep_rank=ep_rank
+            o.n_experts,
+            d_model,
+            h,
+            act,
+            bias,
+            ep_size=o.ep_size,
+            ep_rank=ep_rank,
+            matmul=o.expert_matmul,
         )
         self.shared = MLP(d_model, o.n_shared * h, act, bias) if o.n_shared else None
         self.dropout = nn.Dropout(dropout)

@@ -27,6 +27,9 @@ class MoEOptions:
     aux_coef: float = 0.01  # Switch load-balancing loss coefficient (balance: aux)
     z_coef: float = 0.001  # router z-loss coefficient (any balance mode)
     bias_rate: float = 0.001  # loss-free bias update rate (balance: loss_free)
+    # loop: one hand-fused pass per expert; grouped: torch's grouped GEMM; auto: grouped
+    # where torch has a fused kernel (CUDA, bf16, SM >= 80), the loop elsewhere
+    expert_matmul: Literal["auto", "loop", "grouped"] = "auto"
     ep_size: int = 1  # expert-parallel ranks the experts are split over
     moe_every: int = 1  # MoE in every n-th block (the last of each n), dense FFNs elsewhere
 
@@ -56,6 +59,10 @@ def check_options(o: MoEOptions) -> None:
         )
     if o.capacity_policy not in ("sequence", "batch"):
         raise ValueError(f"capacity_policy: expected sequence or batch, got {o.capacity_policy!r}")
+    if o.expert_matmul not in ("auto", "loop", "grouped"):
+        raise ValueError(
+            f"expert_matmul: expected auto, loop or grouped, got {o.expert_matmul!r}"
+        )
     if o.capacity_seq_len is not None and o.capacity_seq_len < 1:
         raise ValueError(f"capacity_seq_len: must be >= 1, got {o.capacity_seq_len}")
     for name in ("jitter", "aux_coef", "z_coef", "bias_rate"):
