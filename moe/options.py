@@ -60,9 +60,7 @@ def check_options(o: MoEOptions) -> None:
     if o.capacity_policy not in ("sequence", "batch"):
         raise ValueError(f"capacity_policy: expected sequence or batch, got {o.capacity_policy!r}")
     if o.expert_matmul not in ("auto", "loop", "grouped"):
-        raise ValueError(
-            f"expert_matmul: expected auto, loop or grouped, got {o.expert_matmul!r}"
-        )
+        raise ValueError(f"expert_matmul: expected auto, loop or grouped, got {o.expert_matmul!r}")
     if o.capacity_seq_len is not None and o.capacity_seq_len < 1:
         raise ValueError(f"capacity_seq_len: must be >= 1, got {o.capacity_seq_len}")
     for name in ("jitter", "aux_coef", "z_coef", "bias_rate"):
