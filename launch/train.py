@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from leviathan.cli import add_config_args, run_command  # noqa: E402
+from leviathan.cli import STEP, add_config_args, add_rebuild_arg, run_command  # noqa: E402
 from leviathan.config import load_config  # noqa: E402
 from leviathan.distributed.hosts import check_hostfile  # noqa: E402
 
@@ -31,8 +31,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add_config_args(parser)
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument(
-        "--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP"
+        "--resume-from", type=STEP, metavar="STEP", help="continue from the checkpoint of STEP"
     )
+    parser.add_argument(
+        "--stop-at", type=STEP, metavar="STEP", help="checkpoint and stop after STEP"
+    )
+    add_rebuild_arg(parser)
     parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
     parser.add_argument("--hostfile", help="check these hosts, then start `deepspeed` on them")
     parser.add_argument("--num-gpus", type=int, help="start `deepspeed --num_gpus N` on this box")
@@ -70,7 +74,13 @@ def main(argv: list[str]) -> None:
 
     overrides = list(args.overrides) + ([f"run.wandb={args.wandb}"] if args.wandb else [])
     cfg = load_config(args.config, overrides)
-    summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    summary = train(
+        cfg,
+        resume=args.resume,
+        resume_from=args.resume_from,
+        stop_at=args.stop_at,
+        rebuild=args.rebuild,
+    )
     if summary.parallel["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(f"final val BPC {summary.val_bpc:.4f} after {summary.steps} steps")
 

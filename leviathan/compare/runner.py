@@ -25,6 +25,7 @@ from leviathan.compare.results import (
 from leviathan.data import prepare
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
+from leviathan.train.rundir import METRICS_FILE
 
 
 def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunResult:
@@ -52,6 +53,8 @@ def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunRes
                 train(cfg, resume=True, stop_after_s=left, log=log)
         else:
             log(f"{spec.name}: training ({budget})")
+            # this comparison's own run, cut short before its first checkpoint: start over
+            (spec.dir / METRICS_FILE).unlink(missing_ok=True)
             train(cfg, stop_after_s=budget.seconds, log=log)
     except Exception as err:  # a failed run is reported; the others go on
         message = f"{type(err).__name__}: {err}"
