@@ -50,7 +50,7 @@ from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
 from leviathan.train.plots import plot_curves, plot_expert_load
-from leviathan.train.rundir import METRICS_FILE, RunLock, check_fresh
+from leviathan.train.rundir import METRICS_FILE, RunLock, check_fresh, usable_run_dir
 from leviathan.train.schedule import lr_at
 
 EVAL_BATCH = 16
@@ -153,6 +153,7 @@ def train(
 
 def claim_run_dir(run_dir: Path, index: DataIndex, resuming: bool, claimed: bool):
     """Lock the run folder (unless the caller holds it) and check it suits the run."""
+    usable_run_dir(run_dir)
     lock = None if claimed else RunLock(run_dir)
     try:
         if resuming:
