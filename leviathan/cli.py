@@ -7,11 +7,15 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
 from leviathan.distributed.world import leave_world
 from leviathan.errors import Interrupted, LeviathanError
+
+if TYPE_CHECKING:
+    from leviathan.config import Config
+    from leviathan.train.loop import TrainSummary
 
 T = TypeVar("T")
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
@@ -55,9 +59,41 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     print(f"prepared {index.dir}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+NO_VAL = "no validation split (data.val_fraction=0): score text with `leviathan eval --data`"
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """The options `leviathan train` and `launch/train.py` share."""
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
+    parser.add_argument(
+        "--resume-from",
+        type=STEP,
+        metavar="STEP",
+        help="continue from the checkpoint of STEP (e.g. when the latest one is damaged)",
+    )
+    parser.add_argument(
+        "--stop-at", type=STEP, metavar="STEP", help="checkpoint and stop after STEP"
+    )
+    parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    add_rebuild_arg(parser)
+
+
+def train_as_asked(cfg: Config, args: argparse.Namespace) -> TrainSummary:
+    """`train(cfg)` with the options of `add_train_args`."""
     from leviathan.train.loop import train
 
+    return train(
+        cfg,
+        resume=args.resume,
+        resume_from=args.resume_from,
+        stop_at=args.stop_at,
+        rebuild=args.rebuild,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"run.wandb={args.wandb}")
@@ -65,16 +101,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"train.peak_flops={args.peak_flops!r}")
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
-    summary = train(
-        cfg,
-        resume=args.resume,
-        resume_from=args.resume_from,
-        stop_at=args.stop_at,
-        rebuild=args.rebuild,
-    )
+    summary = train_as_asked(cfg, args)
     print(f"\nsample:\n{summary.sample}\n")
     if summary.val_bpc is None:
-        print("no validation split (data.val_fraction=0): score text with `leviathan eval --data`")
+        print(NO_VAL)
     else:
         print(f"final val loss {summary.val_loss:.4f} nats/token")
         print(
@@ -197,18 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model (default: configs/tiny.yaml)")
     add_config_args(p)
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the run's latest checkpoint"
-    )
-    p.add_argument(
-        "--resume-from",
-        type=STEP,
-        metavar="STEP",
-        help="continue from the checkpoint of STEP (e.g. when the latest one is damaged)",
-    )
-    add_rebuild_arg(p)
-    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
-    p.add_argument("--stop-at", type=STEP, metavar="STEP", help="checkpoint and stop after STEP")
+    add_train_args(p)
     p.add_argument(
         "--peak-flops",
         type=float,

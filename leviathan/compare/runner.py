@@ -23,6 +23,7 @@ from leviathan.compare.results import (
     read_records,
 )
 from leviathan.data import prepare
+from leviathan.errors import Interrupted
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
 from leviathan.train.rundir import METRICS_FILE
@@ -56,6 +57,8 @@ def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunRes
             # this comparison's own run, cut short before its first checkpoint: start over
             (spec.dir / METRICS_FILE).unlink(missing_ok=True)
             train(cfg, stop_after_s=budget.seconds, log=log)
+    except Interrupted:  # Ctrl-C stops the comparison (the run has its checkpoint)
+        raise
     except Exception as err:  # a failed run is reported; the others go on
         message = f"{type(err).__name__}: {err}"
         (spec.dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import TypeVar
 import torch
 from tqdm import tqdm
 
-from leviathan.config import Config, save_config
+from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import TOKENIZER_FILE
 from leviathan.distributed.world import World, ep_size_of, init_world
@@ -151,7 +152,7 @@ def train(
             lock.release()
 
 
-def claim_run_dir(run_dir: Path, index: DataIndex, resuming: bool, claimed: bool):
+def claim_run_dir(run_dir: Path, index: DataIndex, resuming: bool, claimed: bool) -> RunLock | None:
     """Lock the run folder (unless the caller holds it) and check it suits the run."""
     usable_run_dir(run_dir)
     lock = None if claimed else RunLock(run_dir)
@@ -226,11 +227,11 @@ def run_training(
     cfg: Config,
     world: World,
     index: DataIndex,
-    model_cfg,
+    model_cfg: ModelConfig,
     source: Path | None,
     stop_at: int | None,
     stop_after_s: float | None,
-    log,
+    log: Callable[[str], None],
     on_step: Callable[[dict], None] | None,
     on_checkpoint: Callable[[Path, dict], None] | None,
 ) -> TrainSummary:
@@ -446,11 +447,14 @@ class CtrlC:
             self.previous = signal.signal(signal.SIGINT, self.handle)
         return self
 
-    def handle(self, signum, frame) -> None:
+    def handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step with a checkpoint (again to abort)")
+        print(
+            "\nCtrl-C: stopping after this step with a checkpoint (again to abort)",
+            file=sys.stderr,
+        )
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
