@@ -169,13 +169,13 @@ def claim_run_dir(run_dir: Path, index: DataIndex, resuming: bool, claimed: bool
 
 
 def on_rank0(world: World, action: Callable[[], T]) -> T | None:
-    """Run `action` on rank 0 alone; a LeviathanError it raises is raised on every rank
-    (the others would otherwise wait for rank 0 in their next collective forever)."""
+    """Run `action` on rank 0 alone; what it raises is raised on every rank (the others
+    would otherwise wait for rank 0 in their next collective forever)."""
     result, failure = None, None
     if world.rank == 0:
         try:
             result = action()
-        except LeviathanError as err:
+        except Exception as err:  # any failure: the other ranks must not wait for rank 0
             failure = err
     if world.world_size > 1:
         import torch.distributed as dist
@@ -184,7 +184,11 @@ def on_rank0(world: World, action: Callable[[], T]) -> T | None:
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None and failure is None:
             kind, message = box[0]
-            failure = kind(message)
+            failure = (
+                kind(message)
+                if issubclass(kind, LeviathanError)
+                else RuntimeError(f"rank 0: {kind.__name__}: {message}")
+            )
     if failure is not None:
         raise failure
     return result
