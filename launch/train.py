@@ -21,7 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from leviathan.cli import add_config_args, run_command  # noqa: E402
+from leviathan.cli import (  # noqa: E402
+    NO_VAL,
+    add_config_args,
+    add_train_args,
+    run_command,
+    train_as_asked,
+)
 from leviathan.config import load_config  # noqa: E402
 from leviathan.distributed.hosts import check_hostfile  # noqa: E402
 
@@ -29,11 +35,7 @@ from leviathan.distributed.hosts import check_hostfile  # noqa: E402
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    parser.add_argument(
-        "--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP"
-    )
-    parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    add_train_args(parser)
     parser.add_argument("--hostfile", help="check these hosts, then start `deepspeed` on them")
     parser.add_argument("--num-gpus", type=int, help="start `deepspeed --num_gpus N` on this box")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
@@ -66,13 +68,14 @@ def main(argv: list[str]) -> None:
     args = parse_args(argv)
     if (args.hostfile or args.num_gpus) and "WORLD_SIZE" not in os.environ:
         relaunch_under_deepspeed(args, argv)
-    from leviathan.train.loop import train
-
     overrides = list(args.overrides) + ([f"run.wandb={args.wandb}"] if args.wandb else [])
     cfg = load_config(args.config, overrides)
-    summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    summary = train_as_asked(cfg, args)
     if summary.parallel["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
-        print(f"final val BPC {summary.val_bpc:.4f} after {summary.steps} steps")
+        if summary.val_bpc is None:
+            print(f"{NO_VAL}; {summary.steps} steps")
+        else:
+            print(f"final val BPC {summary.val_bpc:.4f} after {summary.steps} steps")
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 from leviathan.cli import add_config_args, run_command  # noqa: E402
 from leviathan.config import Config, config_from_dict, load_config  # noqa: E402
 from leviathan.distributed.hosts import check_ray_address  # noqa: E402
-from leviathan.errors import CheckpointError, LeviathanError  # noqa: E402
+from leviathan.errors import LeviathanError  # noqa: E402
 from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
+from leviathan.train.rundir import RunLock, check_fresh  # noqa: E402
 
 WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # a report: ~0.1 s, not ~2 s
 
@@ -81,7 +82,13 @@ def worker(job: dict) -> None:
     reported = ray.train.get_checkpoint()
     with reported.as_directory() if reported else contextlib.nullcontext() as folder:
         source = newest_checkpoint(Path(folder) if folder else None, Path(cfg.run.dir))
-        train(cfg, resume=source or False, on_step=on_step, on_checkpoint=on_checkpoint)
+        train(  # claimed: the driver holds run.dir's lock for the whole job, restarts included
+            cfg,
+            resume=source or False,
+            claimed=True,
+            on_step=on_step,
+            on_checkpoint=on_checkpoint,
+        )
 
 
 def newest_checkpoint(reported: Path | None, run_dir: Path) -> Path | None:
@@ -97,14 +104,16 @@ def main(argv: list[str]) -> None:
     cfg = load_config(args.config, [*args.overrides, "parallel.engine=deepspeed"])
     if args.address:
         check_ray_address(args.address)
-    if not args.resume and latest_checkpoint(Path(cfg.run.dir) / "checkpoints"):
-        raise CheckpointError(
-            f"run.dir {cfg.run.dir} already holds checkpoints: pass --resume to continue it, "
-            "or choose another run.dir"
-        )
     if args.workers < 1:
         raise LeviathanError(f"--workers: must be at least 1, got {args.workers}")
-    run(cfg, args)
+    run_dir = Path(cfg.run.dir)
+    lock = RunLock(run_dir)  # for the whole job: workers (and their restarts) run under it
+    try:
+        if not args.resume:
+            check_fresh(run_dir)
+        run(cfg, args)
+    finally:
+        lock.release()
 
 
 def run(cfg: Config, args: argparse.Namespace) -> None:

@@ -7,13 +7,36 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
 from leviathan.distributed.world import leave_world
-from leviathan.errors import LeviathanError
+from leviathan.errors import Interrupted, LeviathanError
+
+if TYPE_CHECKING:
+    from leviathan.config import Config
+    from leviathan.train.loop import TrainSummary
 
 T = TypeVar("T")
+INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def bounded(kind: type, low: float, what: str) -> Callable[[str], int | float]:
+    """An argparse type: a `kind` number >= `low` (finite), else a message naming `what`."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+STEP = bounded(int, 1, "a step number >= 1")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -30,15 +53,47 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if args.inputs:
         overrides.append(f"data.inputs=[{', '.join(repr(i) for i in args.inputs)}]")
     cfg = load_config(args.config, overrides)
-    index = prepare(cfg.data)
+    index = prepare(cfg.data, rebuild=args.rebuild)
     for split, stats in index.splits.items():
         print(f"{split}: {stats['tokens']:,} tokens, {stats['characters']:,} characters")
     print(f"prepared {index.dir}")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+NO_VAL = "no validation split (data.val_fraction=0): score text with `leviathan eval --data`"
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    """The options `leviathan train` and `launch/train.py` share."""
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the run's latest checkpoint"
+    )
+    parser.add_argument(
+        "--resume-from",
+        type=STEP,
+        metavar="STEP",
+        help="continue from the checkpoint of STEP (e.g. when the latest one is damaged)",
+    )
+    parser.add_argument(
+        "--stop-at", type=STEP, metavar="STEP", help="checkpoint and stop after STEP"
+    )
+    parser.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
+    add_rebuild_arg(parser)
+
+
+def train_as_asked(cfg: Config, args: argparse.Namespace) -> TrainSummary:
+    """`train(cfg)` with the options of `add_train_args`."""
     from leviathan.train.loop import train
 
+    return train(
+        cfg,
+        resume=args.resume,
+        resume_from=args.resume_from,
+        stop_at=args.stop_at,
+        rebuild=args.rebuild,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.wandb:
         overrides.append(f"run.wandb={args.wandb}")
@@ -46,13 +101,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"train.peak_flops={args.peak_flops!r}")
     cfg = load_config(args.config, overrides)
     started = time.perf_counter()
-    summary = train(cfg, resume=args.resume, stop_at=args.stop_at)
+    summary = train_as_asked(cfg, args)
     print(f"\nsample:\n{summary.sample}\n")
-    print(f"final val loss {summary.val_loss:.4f} nats/token")
-    print(
-        f"final val BPC {summary.val_bpc:.4f} "
-        f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
-    )
+    if summary.val_bpc is None:
+        print(NO_VAL)
+    else:
+        print(f"final val loss {summary.val_loss:.4f} nats/token")
+        print(
+            f"final val BPC {summary.val_bpc:.4f} "
+            f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
+        )
     print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -134,16 +192,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from leviathan.errors import CheckpointError
     from leviathan.export import export_run
-    from leviathan.train.checkpoint import latest_checkpoint
+    from leviathan.run import run_checkpoint
 
     run_dir = Path(args.run)
-    checkpoint = (
-        Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    )
-    if checkpoint is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
+    checkpoint = run_checkpoint(run_dir, args.checkpoint)
     out = export_run(run_dir, checkpoint, Path(args.out) if args.out else None)
     print(f"exported {checkpoint} to {out} ({out.stat().st_size / 2**20:.1f} MiB)")
 
@@ -169,15 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input", dest="inputs", action="append", help="file, folder, glob or .jsonl (repeatable)"
     )
+    add_rebuild_arg(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train a model (default: configs/tiny.yaml)")
     add_config_args(p)
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the run's latest checkpoint"
-    )
-    p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"])
-    p.add_argument("--stop-at", type=int, metavar="STEP", help="checkpoint and stop after STEP")
+    add_train_args(p)
     p.add_argument(
         "--peak-flops",
         type=float,
@@ -202,9 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "sample":
             p.add_argument("--prompt", default="\n")
-            p.add_argument("--max-new-tokens", type=int, default=200)
-            p.add_argument("--temperature", type=float, default=0.8)
-            p.add_argument("--top-k", type=int, default=200)
+            p.add_argument("--max-new-tokens", type=bounded(int, 0, "a count >= 0"), default=200)
+            p.add_argument(
+                "--temperature",
+                type=bounded(float, 0, "a number >= 0 (0: greedy)"),
+                default=0.8,
+            )
+            p.add_argument(
+                "--top-k",
+                type=bounded(int, 1, "a number of tokens >= 1"),
+                default=200,
+                help="sample among the K likeliest tokens (default 200)",
+            )
             p.add_argument("--seed", type=int, default=0)
         p.set_defaults(func=func)
 
@@ -277,11 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_rebuild_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="replace a dataset in data.dir that was prepared from other inputs",
+    )
+
+
 def run_command(func: Callable[[T], int | None], arg: T) -> int:
-    """Run a command: a Leviathan error is one `error: ...` line and exit status 2.
-    A process group the command joined (a DeepSpeed rank) is left before the exit."""
+    """Run a command: a Leviathan error is one `error: ...` line and exit status 2, Ctrl-C
+    one line and 130. A process group the command joined (a DeepSpeed rank) is left
+    before the exit."""
     try:
         status = func(arg) or 0
+    except Interrupted as err:
+        print(f"\n{err}", file=sys.stderr)
+        leave_world(wait=False)
+        return INTERRUPTED
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        leave_world(wait=False)
+        return INTERRUPTED
     except LeviathanError as err:
         print(f"error: {err}", file=sys.stderr)
         leave_world(wait=False)
@@ -290,8 +366,27 @@ def run_command(func: Callable[[T], int | None], arg: T) -> int:
     return status
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking KEY=VALUE items wherever they stand (`train --wandb disabled
+    model.n_layer=2 --stop-at 4 train.lr=1e-3`); a command without overrides says so."""
+    args, rest = parser.parse_known_args(argv)
+    items = [i for i in rest if "=" in i and not i.startswith("-")]
+    unknown = [i for i in rest if i not in items]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if items:
+        target = "overrides" if hasattr(args, "overrides") else "items"
+        if not hasattr(args, target):
+            parser.error(
+                f"{args.command} takes no KEY=VALUE overrides ({' '.join(items)}): they go "
+                "after train, prepare, compare, params or ds-config"
+            )
+        getattr(args, target).extend(items)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     return run_command(args.func, args)
 
 

@@ -7,6 +7,7 @@ a command-line override fails in milliseconds instead of an hour into a run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -271,6 +272,10 @@ def join(path: str, name: str) -> str:
 def validate(cfg: Config) -> None:
     """Semantic checks: shapes that cannot be built and values that cannot train."""
     m, t, d = cfg.model, cfg.train, cfg.data
+    check_finite(cfg.to_dict(), "")
+    for key, value in {"run.dir": cfg.run.dir, "data.dir": d.dir}.items():
+        if not value.strip():
+            raise ConfigError(f"{key}: empty; name a folder (an empty path is the current one)")
     positive = {
         "model.n_layer": m.n_layer,
         "model.n_head": m.n_head,
@@ -312,8 +317,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {d.val_fraction}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(
+            f"data.val_fraction: must be in [0, 1) (0: no validation split), got {d.val_fraction}"
+        )
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
     if t.seq_len > m.block_size:
@@ -337,6 +344,16 @@ def validate(cfg: Config) -> None:
         )
     MIXERS[m.mixer.kind].check(m.mixer, m.d_model, m.n_head)
     FFNS[m.ffn.kind].check(m.ffn, m.d_model)
+
+
+def check_finite(node: Any, path: str) -> None:
+    """No float key means anything at nan or inf (train.lr=.nan would train on garbage);
+    the DeepSpeed pass-through is DeepSpeed's to check."""
+    if isinstance(node, dict) and path != "parallel.deepspeed":
+        for name, value in node.items():
+            check_finite(value, join(path, str(name)))
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{path}: must be a finite number, got {node}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

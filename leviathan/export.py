@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from leviathan.distributed.engine import CONSOLIDATED, LAYOUT, TAG
-from leviathan.errors import CheckpointError
+from leviathan.errors import CheckpointError, StorageError
 from leviathan.train.checkpoint import atomic_write_bytes, verify_checkpoint
 
 EXPORT = "model.safetensors"
@@ -50,12 +50,19 @@ def export_run(run_dir: Path, checkpoint: Path, out: Path | None = None) -> Path
     """Write checkpoint `checkpoint` of `run_dir` as one safetensors file (atomically)."""
     from safetensors.torch import save
 
-    state = model_state(checkpoint)
+    from leviathan.run import checked_state
+
+    out = out or run_dir / EXPORT
+    if not out.parent.is_dir():  # checked before minutes of consolidating a large model
+        raise StorageError(f"--out {out}: the folder {out.parent} does not exist")
+    state = checked_state(checkpoint)
     config = (checkpoint / "config.json").read_text(encoding="utf-8")
     step = json.loads((checkpoint / "MANIFEST.json").read_text(encoding="utf-8"))["step"]
     tensors = {k: v.contiguous() for k, v in state.items() if k not in TIED}
-    out = out or run_dir / EXPORT
-    atomic_write_bytes(out, save(tensors, metadata={"config": config, "step": str(step)}))
+    try:
+        atomic_write_bytes(out, save(tensors, metadata={"config": config, "step": str(step)}))
+    except OSError as err:
+        raise StorageError(f"--out {out}: cannot write it: {err.strerror}") from None
     return out
 
 

@@ -11,10 +11,10 @@ import torch
 
 from leviathan.config import Config, ModelConfig, config_from_dict
 from leviathan.data import Document, Tokenizer, load_index, load_tokens, token_dtype
-from leviathan.errors import CheckpointError
+from leviathan.errors import CheckpointError, DataError
 from leviathan.export import EXPORT, model_state, read_export
 from leviathan.model import Leviathan
-from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint
+from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint, offer_previous
 from leviathan.train.evaluate import EvalResult, evaluate
 
 
@@ -42,6 +42,11 @@ class Run:
         """Loss and BPC on the whole validation split the run was trained against."""
         index = load_index(self.config.data.dir)
         val = index.splits["val"]
+        if val["tokens"] < 2:
+            raise DataError(
+                f"{index.dir} has no validation split (data.val_fraction=0): score text "
+                "with `leviathan eval --data PATH`"
+            )
         tokens = load_tokens(index.dir, "val")
         seq_len = self.config.train.seq_len
         return evaluate(self.model, tokens, seq_len, batch_size, val["characters"])
@@ -73,18 +78,33 @@ def load_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Run:
     when that is as recent as the latest checkpoint, else the latest checkpoint, whichever
     engine and number of ranks wrote it."""
     run_dir = Path(run_dir)
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    directory = Path(checkpoint) if checkpoint else latest
     exported = run_dir / EXPORT
     if checkpoint is None and exported.is_file():
+        latest = latest_checkpoint(run_dir / "checkpoints")
         state, raw, step = read_export(exported)
         if latest is None or step >= checkpoint_step(latest):
             return build_run(run_dir, config_from_dict(raw), state, step)
-    if directory is None:
-        raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
-    state = model_state(directory)
+    directory = run_checkpoint(run_dir, checkpoint)
+    state = checked_state(directory)
     config = config_from_dict(json.loads((directory / "config.json").read_text(encoding="utf-8")))
     return build_run(run_dir, config, state, checkpoint_step(directory))
+
+
+def run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    """`--checkpoint` when given, else the run's latest: the folder eval, sample and export read."""
+    directory = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if directory is None:
+        raise CheckpointError(f"{run_dir} has no checkpoint (is it a run folder?)")
+    return directory
+
+
+def checked_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint; a damaged one names the newest older one that
+    verifies (`--checkpoint DIR`)."""
+    try:
+        return model_state(directory)
+    except CheckpointError as err:
+        raise offer_previous(err, directory, lambda p: f"use it with --checkpoint {p}") from None
 
 
 def build_run(run_dir: Path, config: Config, state: dict[str, torch.Tensor], step: int) -> Run:

@@ -85,7 +85,7 @@ BAD = [
         r"model\.ffn\.activation: expected one of 'gelu', 'swiglu'",
     ),
     ({"data": {"tokenizer": {"kind": "wordpiece"}}}, r"data\.tokenizer\.kind"),
-    ({"data": {"val_fraction": 1.5}}, r"data\.val_fraction: must be in \(0, 1\)"),
+    ({"data": {"val_fraction": 1.5}}, r"data\.val_fraction: must be in \[0, 1\)"),
     ({"data": {"inputs": "corpus.txt"}}, r"data\.inputs: expected list"),
     ({"train": {"min_lr": 1.0, "lr": 0.1}}, r"train\.min_lr: must be <= train\.lr"),
     ({"model": {"dropout": 1.0}}, r"model\.dropout"),

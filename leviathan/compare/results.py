@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Any, Literal
 
 from leviathan.compare.plan import Budget, RunSpec, read_json
 from leviathan.sizing import ModelSize
+from leviathan.train.checkpoint import quiet
+from leviathan.train.metrics import read_records as metrics_records
 
 
 @dataclass
@@ -122,7 +123,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return metrics_records(path, log=quiet)  # a torn last line (a killed run) is left out
 
 
 def cumulative_times(records: list[dict[str, Any]]) -> list[float]:

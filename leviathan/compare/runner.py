@@ -23,8 +23,10 @@ from leviathan.compare.results import (
     read_records,
 )
 from leviathan.data import prepare
+from leviathan.errors import Interrupted
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
+from leviathan.train.rundir import METRICS_FILE
 
 
 def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunResult:
@@ -52,7 +54,11 @@ def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunRes
                 train(cfg, resume=True, stop_after_s=left, log=log)
         else:
             log(f"{spec.name}: training ({budget})")
+            # this comparison's own run, cut short before its first checkpoint: start over
+            (spec.dir / METRICS_FILE).unlink(missing_ok=True)
             train(cfg, stop_after_s=budget.seconds, log=log)
+    except Interrupted:  # Ctrl-C stops the comparison (the run has its checkpoint)
+        raise
     except Exception as err:  # a failed run is reported; the others go on
         message = f"{type(err).__name__}: {err}"
         (spec.dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")

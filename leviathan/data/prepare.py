@@ -91,8 +91,11 @@ def fingerprint(settings: dict[str, Any], docs: list[Document]) -> str:
     return h.hexdigest()
 
 
-def prepare(cfg: Any, *, log: Callable[[str], None] = print) -> DataIndex:
-    """Build (or reuse) the dataset `cfg` (a DataConfig) describes in `cfg.dir`."""
+def prepare(cfg: Any, *, log: Callable[[str], None] = print, rebuild: bool = False) -> DataIndex:
+    """Build (or reuse) the dataset `cfg` (a DataConfig) describes in `cfg.dir`.
+
+    A dataset there prepared from other inputs is replaced only with `rebuild`: a
+    forgotten `data.inputs` would otherwise turn someone's corpus into Shakespeare."""
     started = time.perf_counter()
     raw = cfg.inputs or []
     inputs = [os.fspath(i) for i in ([raw] if isinstance(raw, (str, os.PathLike)) else raw)]
@@ -139,6 +142,7 @@ def prepare(cfg: Any, *, log: Callable[[str], None] = print) -> DataIndex:
         if target.exists():
             _check_replaceable(target)
             if existing is not None:
+                _check_same_inputs(existing, inputs, source, rebuild)
                 log(f"rebuilding {target}: its corpus or settings differ from data.*")
             elif any(target.iterdir()):
                 log(f"rebuilding {target}: the dataset there is incomplete or corrupt")
@@ -263,6 +267,19 @@ def _check_replaceable(target: Path) -> None:
             f"data.dir {target} holds files a dataset does not ({shown}); refusing to replace "
             "it: choose an empty or new folder"
         )
+
+
+def _check_same_inputs(existing: DataIndex, inputs: list[str], source: str, rebuild: bool) -> None:
+    """Refuse to replace a dataset of other inputs unless asked (`--rebuild`)."""
+    built_from = existing.meta.get("config", {}).get("inputs")
+    if rebuild or built_from == inputs:
+        return
+    before = existing.meta.get("corpus", {}).get("source") or ", ".join(built_from or [])
+    raise DataError(
+        f"data.dir {existing.dir} holds a dataset prepared from {before}, but data.inputs "
+        f"asks for {source}: pass --rebuild to replace it, or choose another data.dir"
+        + ("" if inputs else " (or set data.inputs to its inputs)")
+    )
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

@@ -10,21 +10,29 @@ is caught by the manifest before any tensor is loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from leviathan.errors import CheckpointError
+from leviathan.errors import CheckpointError, StorageError
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
+STEP_DIR = re.compile(r"step_(\d+)")
+LOW_SPACE = 1 << 20  # bytes free under which a failed write is taken for a full disk
 
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
+
+
+def quiet(_: str) -> None:
+    """A log that drops its message."""
 
 
 def save_checkpoint(
@@ -47,18 +55,46 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    write(tmp)
-    barrier()
+    try:
+        write(tmp)
+        barrier()
+        if rank == 0:
+            seal(tmp, step)
+            if final.exists():  # re-saving a step (e.g. after resume) replaces it whole
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            atomic_write_text(root / LATEST, final.name + "\n")
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err, tmp):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back at once
+        previous = latest_checkpoint(root)
+        kept = f"{previous} is intact" if previous else "there is no earlier checkpoint"
+        raise StorageError(
+            f"no space left on device (ENOSPC) writing checkpoint {final} "
+            f"({getattr(err, 'filename', None) or tmp}): {kept}; free space on that disk, "
+            "then continue with --resume"
+        ) from err
     if rank == 0:
-        seal(tmp, step)
-        if final.exists():  # re-saving a step (e.g. after resume) replaces it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
         prune(root, keep_last)
     barrier()
     return final
+
+
+def disk_full(err: BaseException, directory: Path) -> bool:
+    """ENOSPC anywhere in the exception's chain, or a failed write (torch.save reports
+    "iostream error", no errno) with the disk left all but full."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(directory if directory.exists() else directory.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE
 
 
 def seal(directory: Path, step: int) -> None:
@@ -73,15 +109,81 @@ def seal(directory: Path, step: int) -> None:
         fsync_dir(sub)
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The folder `latest` points to, or None when no checkpoint was ever completed."""
+def latest_checkpoint(root: Path, log: Callable[[str], None] = quiet) -> Path | None:
+    """The folder `latest` points to; when the pointer is missing, empty or names no
+    folder, the newest step folder that verifies (the pointer moves last, so a crash or
+    a hand can leave it behind). None when no checkpoint was ever completed."""
     pointer = root / LATEST
-    if not pointer.is_file():
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named and STEP_DIR.fullmatch(named) and (root / named).is_dir():
+        return root / named
+    folders = step_folders(root)
+    if not folders:
+        if named:
+            raise CheckpointError(f"{pointer} points to {named}, which does not exist")
         return None
-    target = root / pointer.read_text(encoding="utf-8").strip()
-    if not target.is_dir():
-        raise CheckpointError(f"{pointer} points to {target.name}, which does not exist")
-    return target
+    problem = (
+        "is missing"
+        if named is None
+        else "is empty"
+        if not named
+        else f"points to {named}, which does not exist"
+    )
+    for folder in reversed(folders):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError as err:
+            log(f"warning: skipping {folder.name}: {err}")
+            continue
+        log(f"warning: {pointer} {problem}: using the newest verified checkpoint, {folder.name}")
+        return folder
+    raise CheckpointError(
+        f"{pointer} {problem}, and no step folder in {root} verifies "
+        f"({', '.join(f.name for f in folders)})"
+    )
+
+
+def step_folders(root: Path) -> list[Path]:
+    """The `step_NNNNNNN` folders under `root`, oldest first."""
+    found = [p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def checkpoint_at(root: Path, step: int) -> Path:
+    """The checkpoint folder of `step` (`--resume-from STEP`), or an error naming those there."""
+    folder = root / step_dir_name(step)
+    if not folder.is_dir():
+        have = ", ".join(str(int(p.name.removeprefix("step_"))) for p in step_folders(root))
+        raise CheckpointError(
+            f"--resume-from {step}: no checkpoint of step {step} in {root} "
+            f"({'it has steps ' + have if have else 'it has none'})"
+        )
+    return folder
+
+
+def offer_previous(
+    err: CheckpointError, directory: Path, how: Callable[[Path], str]
+) -> CheckpointError:
+    """`err` (a damaged checkpoint) with the newest older one that verifies offered, as
+    `how(folder)` says to use it (`--resume-from 4`, `--checkpoint DIR`)."""
+    match = STEP_DIR.fullmatch(directory.name)
+    older = [
+        p
+        for p in step_folders(directory.parent)
+        if match and int(p.name.removeprefix("step_")) < int(match.group(1))
+    ]
+    for folder in reversed(older):
+        try:
+            verify_checkpoint(folder)
+        except CheckpointError:
+            continue
+        return CheckpointError(
+            f"{err}; the newest verified checkpoint before it is {folder.name}: {how(folder)}"
+        )
+    return CheckpointError(f"{err}; no older checkpoint verifies")
 
 
 def checkpoint_step(directory: Path) -> int:
@@ -119,8 +221,7 @@ def verify_checkpoint(directory: Path) -> dict:
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (never the one `latest` names)."""
     latest = latest_checkpoint(root)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in done[:-keep_last]:
+    for old in step_folders(root)[:-keep_last]:
         if old != latest:
             shutil.rmtree(old)
 
@@ -132,11 +233,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, rename over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file would hold the space it took
+        raise
     fsync_dir(path.parent)
 
 

@@ -5,35 +5,57 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from leviathan.errors import StorageError
 from leviathan.train.checkpoint import atomic_write_text
 
 
 class MetricsLog:
     """Appends one JSON object per step; on resume, drops records past the resumed step
-    so a run that crashed after its last checkpoint never shows a step twice."""
+    so a run that crashed after its last checkpoint never shows a step twice, and a last
+    line torn by a crash or a full disk (with a warning)."""
 
-    def __init__(self, path: Path, resume_step: int = 0):
+    def __init__(self, path: Path, resume_step: int = 0, log: Callable[[str], None] = print):
         self.path = path
         if resume_step and path.exists():
-            kept = [
-                line
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line and json.loads(line)["step"] <= resume_step
-            ]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
+            kept = [r for r in read_records(path, log) if r["step"] <= resume_step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         elif not resume_step:
             path.write_text("", encoding="utf-8")
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def log(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as err:
+            raise StorageError(f"cannot write {self.path}: {err.strerror}") from err
 
     def close(self) -> None:
         self.file.close()
+
+
+def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line is dropped with a warning, a bad
+    line before it is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise StorageError(f"{path}:{number}: not a JSON record ({err})") from None
+            log(
+                f"warning: {path}: dropping its torn last line {number} "
+                f"({len(line)} characters, a crash or a full disk cut it short)"
+            )
+    return records
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+
+from leviathan.train.checkpoint import quiet
+from leviathan.train.metrics import read_records
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_curves(metrics_path: Path, out_path: Path) -> None:
     """Train/val loss against step, and val BPC against step."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = read_records(metrics_path, log=quiet)
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"], r["val_bpc"]) for r in records if "val_loss" in r]
     fig, (ax_loss, ax_bpc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -36,7 +38,7 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
 
 def plot_expert_load(metrics_path: Path, out_path: Path) -> None:
     """Heatmap per MoE layer: each expert's share of the routed tokens (rows) over steps."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = read_records(metrics_path, log=quiet)
     records = [r for r in records if "moe" in r]
     layers = sorted(records[0]["moe"], key=lambda name: int(name.removeprefix("layer")))
     steps = [r["step"] for r in records]
