@@ -110,36 +110,32 @@ class _RoutedExperts(torch.autograd.Function):
         gate_a = gates is not None and hidden <= d_out
         keep_y = gates is not None and not gate_a and ctx.needs_input_grad[1]
         scratch = _Scratch(x, max(counts, default=0))
-        used, acts = [], []  # per used expert: (e, start, n); h, a and (keep_y) y
-        start = 0
+        acts = []  # per expert with rows: h, a and (keep_y) y
+        # every expert's slices, one split / unbind call each, not indexing ops per expert
+        toks, gs = tok.split(counts), _split(_column(gates), counts)
+        w1s, w2s, b1s, b2s = (_unbind(w, len(counts)) for w in (w_in, w_out, b_in, b_out))
         for e, n in enumerate(counts):
             if not n:
                 continue
-            te = tok.narrow(0, start, n)
+            te, ge, w1, w2, b1, b2 = toks[e], gs[e], w1s[e], w2s[e], b1s[e], b2s[e]
             xe = torch.index_select(x, 0, te, out=scratch("x", n, x.shape[1]))
-            h = xe @ w_in[e] if b_in is None else torch.addmm(b_in[e], xe, w_in[e])
+            h = xe @ w1 if b1 is None else torch.addmm(b1, xe, w1)
             a = activate(h, activation)
             ys = scratch("y", n, d_out)
             if gate_a:
-                ge = gates.narrow(0, start, n).unsqueeze(1)
                 ag = torch.mul(a, ge, out=scratch("a", n, hidden))
-                if b_out is None:
-                    y = torch.mm(ag, w_out[e], out=ys)
+                if b2 is None:
+                    y = torch.mm(ag, w2, out=ys)
                 else:  # g * (a @ w + b) = (g * a) @ w + g * b
-                    y = torch.addmm(ge * b_out[e], ag, w_out[e], out=ys)
+                    y = torch.addmm(ge * b2, ag, w2, out=ys)
                 out.index_add_(0, te, y)
             else:
-                b = None if b_out is None else b_out[e]
-                y = a @ w_out[e] if b is None else torch.addmm(b, a, w_out[e])
-                if gates is not None:
-                    y_gated = torch.mul(y, gates.narrow(0, start, n).unsqueeze(1), out=ys)
-                out.index_add_(0, te, y if gates is None else y_gated)
+                y = a @ w2 if b2 is None else torch.addmm(b2, a, w2)
+                out.index_add_(0, te, y if ge is None else torch.mul(y, ge, out=ys))
             acts += [h, a, y] if keep_y else [h, a]
-            used.append((e, start, n))
-            start += n
         # Through save_for_backward, so saved-tensor hooks (offloading, memory probes) see all.
         ctx.save_for_backward(x, gates, w_in, w_out, b_out, tok, *acts)
-        ctx.used, ctx.activation, ctx.rows = used, activation, scratch.rows
+        ctx.counts, ctx.activation, ctx.rows = counts, activation, scratch.rows
         ctx.grad_buffers = grad_buffers
         ctx.gate_a, ctx.keep_y = gate_a, keep_y
         ctx.has_b_in = b_in is not None
@@ -149,12 +145,12 @@ class _RoutedExperts(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
         x, gates, w_in, w_out, b_out, tok, *acts = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need, counts = ctx.needs_input_grad, ctx.counts
         grad = grad.contiguous()
         grad_x = torch.zeros_like(x) if need[0] else None
         grad_g = torch.empty_like(gates) if gates is not None and need[1] else None
         # Experts without tokens get zero gradients; the others are written whole below.
-        unused = sorted(set(range(w_in.shape[0])) - {e for e, _, _ in ctx.used})
+        unused = [e for e, n in enumerate(counts) if not n]
 
         def buffer(name: str, wanted: bool, *shape: int) -> torch.Tensor | None:
             if not wanted:
@@ -172,44 +168,64 @@ class _RoutedExperts(torch.autograd.Function):
         grad_b_in = buffer("b_in", need[4] and ctx.has_b_in, n_experts, width)
         grad_b_out = buffer("b_out", need[5] and b_out is not None, n_experts, d)
         scratch = _Scratch(grad, ctx.rows)
-        per = 3 if ctx.keep_y else 2
-        for i, (e, start, n) in enumerate(ctx.used):
-            h, a = acts[i * per], acts[i * per + 1]
-            te = tok.narrow(0, start, n)
-            ge = None if gates is None else gates.narrow(0, start, n).unsqueeze(1)
+        saved = iter(acts)
+        toks, gs, ggs = tok.split(counts), _split(_column(gates), counts), _split(grad_g, counts)
+        w1s, w2s, b2s = (_unbind(w, n_experts) for w in (w_in, w_out, b_out))
+        grads = (grad_w_in, grad_w_out, grad_b_in, grad_b_out)
+        gw1s, gw2s, gb1s, gb2s = (_unbind(g, n_experts) for g in grads)
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            te, ge, gg, w1, w2, b2 = toks[e], gs[e], ggs[e], w1s[e], w2s[e], b2s[e]
+            gw1, gw2, gb1, gb2 = gw1s[e], gw2s[e], gb1s[e], gb2s[e]
+            h, a = next(saved), next(saved)
             # d out / d y, before the gate
             gy = torch.index_select(grad, 0, te, out=scratch("gy", n, d_out))
             if ge is not None and not ctx.gate_a:  # gate at the output width
-                if grad_g is not None:
-                    grad_g[start : start + n] = torch.linalg.vecdot(gy, acts[i * per + 2])
+                y = next(saved)
+                if gg is not None:
+                    torch.linalg.vecdot(gy, y, out=gg)
                 gy.mul_(ge)
                 ge = None
             # From here on the gate, if any left, applies to a: a^T (g * gy) = (g * a)^T gy.
-            if grad_w_out is not None:
+            if gw2 is not None:
                 ag = a if ge is None else torch.mul(a, ge, out=scratch("a", n, hidden))
-                torch.mm(ag.t(), gy, out=grad_w_out[e])
-            if grad_b_out is not None:
+                torch.mm(ag.t(), gy, out=gw2)
+            if gb2 is not None:
                 if ge is None:
-                    torch.sum(gy, 0, out=grad_b_out[e])
+                    torch.sum(gy, 0, out=gb2)
                 else:
-                    torch.mv(gy.t(), ge.squeeze(1), out=grad_b_out[e])
-            u = torch.mm(gy, w_out[e].t(), out=scratch("u", n, hidden))  # d out / d a
+                    torch.mv(gy.t(), ge.squeeze(1), out=gb2)
+            u = torch.mm(gy, w2.t(), out=scratch("u", n, hidden))  # d out / d a
             if ge is not None:
-                if grad_g is not None:
-                    gg = torch.mul(u, a, out=scratch("a", n, hidden)).sum(1)
-                    if b_out is not None:
-                        gg += gy @ b_out[e]
-                    grad_g[start : start + n] = gg
+                if gg is not None:
+                    torch.sum(torch.mul(u, a, out=scratch("a", n, hidden)), 1, out=gg)
+                    if b2 is not None:
+                        gg += gy @ b2
                 u.mul_(ge)
             gh = activate_backward(u, h, ctx.activation, out=scratch("h", n, width))
-            if grad_w_in is not None:
+            if gw1 is not None:
                 xe = torch.index_select(x, 0, te, out=scratch("x", n, d))
-                torch.mm(xe.t(), gh, out=grad_w_in[e])
-            if grad_b_in is not None:
-                torch.sum(gh, 0, out=grad_b_in[e])
+                torch.mm(xe.t(), gh, out=gw1)
+            if gb1 is not None:
+                torch.sum(gh, 0, out=gb1)
             if grad_x is not None:
-                grad_x.index_add_(0, te, torch.mm(gh, w_in[e].t(), out=scratch("gx", n, d)))
+                grad_x.index_add_(0, te, torch.mm(gh, w1.t(), out=scratch("gx", n, d)))
         return grad_x, grad_g, grad_w_in, grad_w_out, grad_b_in, grad_b_out, *[None] * 5
+
+
+def _column(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.unsqueeze(1)
+
+
+def _split(t: torch.Tensor | None, counts: list[int]) -> list[torch.Tensor | None]:
+    """Each expert's rows of a routed-row tensor (None for every expert if None)."""
+    return [None] * len(counts) if t is None else list(t.split(counts))
+
+
+def _unbind(t: torch.Tensor | None, n_experts: int) -> list[torch.Tensor | None]:
+    """Each expert's slice of a tensor with a leading expert axis (None if None)."""
+    return [None] * n_experts if t is None else list(t.unbind(0))
 
 
 def grouped_routed_experts(
