@@ -130,7 +130,8 @@ def sample_text(
     top_k: int | None = 200,
     seed: int = 0,
 ) -> str:
-    """Decode a seeded continuation of `prompt`, the prompt included."""
+    """Decode a seeded continuation of `prompt`, the prompt included. Generation is cached
+    (`Leviathan.generate`: one position per token; capacity-mode MoE runs uncached)."""
     device = next(model.parameters()).device
     ids = [tokenizer.encode(prompt) or [tokenizer.eos_id]]
     ids = torch.tensor(ids, dtype=torch.long, device=device)

@@ -33,25 +33,35 @@ __all__ = [
     "dot_attention",
     "token_xcorr_attention",
     "channel_xcorr_attention",
+    "cached_attention",
 ]
 
 
 # --- building blocks ---------------------------------------------------------------
 
 
-def causal_lag_stack(x: Tensor, weights: Tensor) -> Tensor:
+def causal_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = None) -> Tensor:
     """Causally filter x along time with each of r filters and stack the results.
 
     x: (B, H, T, d); weights: (H, r, W), filter ``weights[h, r, a]`` multiplies lag a.
     Returns (B, H, T, r*d) whose r-th block of d channels is
     ``y[..., i, :] = sum_a weights[h, r, a] * x[..., i - a, :]`` (x_t = 0 for t < 0).
     A filter equal to e_0 returns x bit for bit (1*x + 0*... is exact).
+
+    history: (B, H, h, d), h <= W-1, the positions just before x (cached generation);
+    None: x starts the sequence. Either way the output covers x's T positions only, and
+    each row is the same sum in the same order as when filtering the whole sequence.
     """
     n_head, rank, width = weights.shape
     B, H, T, d = x.shape
     if H != n_head:
         raise ValueError(f"weights have {n_head} heads, x has {H}")
-    padded = F.pad(x, (0, 0, width - 1, 0)).unsqueeze(2)  # (B, H, 1, T+W-1, d)
+    past = 0 if history is None else history.shape[2]
+    if past > width - 1:
+        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
+    if past:
+        x = torch.cat([history, x], dim=2)
+    padded = F.pad(x, (0, 0, width - 1 - past, 0)).unsqueeze(2)  # (B, H, 1, T+W-1, d)
     y = sum(
         weights[:, :, a, None, None] * padded[:, :, :, width - 1 - a : width - 1 - a + T]
         for a in range(width)
@@ -134,6 +144,33 @@ def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+
+
+def cached_attention(
+    q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, dropout_p: float = 0.0
+) -> Tensor:
+    """Causal attention of the queries of positions start..start+Tq-1 over the keys and
+    values of positions 0..start+Tq-1 (a cache followed by the new positions).
+
+    q and k are the kernel's inputs (filtered, circulant: whatever the kind feeds SDPA), so
+    this serves every kind. One new query (a generation step) needs no mask; a first
+    block (start 0, the prompt) is plain causal. As in `token_xcorr_attention`, V is
+    zero-padded to a wider q for a block of queries so the fused CPU kernel runs.
+    """
+    n_query, n_key, width, d = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    if n_key != start + n_query:
+        raise ValueError(f"{n_key} keys for queries at positions {start}..{n_key - 1}")
+    mask, causal = None, False
+    if n_query > 1 and start == 0:
+        causal = True
+    elif n_query > 1:  # query row i is position start + i: it sees keys j <= start + i
+        mask = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).tril(start)
+    if n_query > 1 and width != d:
+        v = F.pad(v, (0, width - d))
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale
+    )
+    return y[..., :d]
 
 
 def dot_attention(

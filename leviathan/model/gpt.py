@@ -6,6 +6,10 @@ position and the channel-lag mixer would correlate rotated channel pairs of diff
 frequencies. With learned positions q and k stay pure content signals, every mixer's
 score is exactly the lagged inner product DESIGN.md section 2 defines, and token_xcorr at
 its delta kernel is bit-for-bit the `dot` baseline.
+
+Generation is cached (`generate`, `forward(idx, cache=...)`, `leviathan.model.cache`):
+the prompt runs once, then each new token is one position's work against the cached keys.
+The uncached loop stays, as the oracle and for what the cache cannot serve.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leviathan.model.cache import KVCache, LayerCache
 from leviathan.model.ffn import FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
@@ -38,8 +43,8 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias, **routed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.mixer(self.norm1(x))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.mixer(self.norm1(x), cache)
         return x + self.ffn(self.norm2(x))
 
 
@@ -68,19 +73,27 @@ class Leviathan(nn.Module):
                     p.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, V) and, given targets, the mean next-token cross-entropy."""
+        """Logits (B, T, V) and, given targets, the mean next-token cross-entropy.
+
+        With a cache (`new_cache`), idx holds the T positions after the `cache.length`
+        cached ones, and their keys join the cache.
+        """
         T = idx.shape[1]
-        if T > self.cfg.block_size:
+        start = 0 if cache is None else cache.length
+        if start + T > self.cfg.block_size:
             raise ValueError(
-                f"sequence of {T} tokens is longer than the model's positions "
+                f"sequence of {start + T} tokens is longer than the model's positions "
                 f"(block_size={self.cfg.block_size})"
             )
-        pos = torch.arange(T, device=idx.device)
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
         logits = self.head(self.norm(x))
         if targets is None:
             return logits, None
@@ -138,6 +151,19 @@ class Leviathan(nn.Module):
         )
         return per_block + 2 * self.cfg.d_model * self.cfg.vocab_size
 
+    def new_cache(self) -> KVCache:
+        """An empty key-value cache for one batch of sequences, block_size positions long."""
+        return KVCache(len(self.blocks), self.cfg.block_size)
+
+    def can_cache(self) -> bool:
+        """False when some FFN's output for a token depends on earlier tokens: an MoE with
+        capacity_factor set fills expert slots per sequence in position order (policy
+        "sequence", or across the batch with "batch"), which a one-token step cannot see.
+        Dropless MoE routes each token alone, like a dense FFN, and is cached."""
+        return all(
+            getattr(ffn.options, "capacity_factor", None) is None for ffn in self.sparse_layers()
+        )
+
     @torch.no_grad()
     def generate(
         self,
@@ -146,23 +172,63 @@ class Leviathan(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        *,
+        use_cache: bool = True,
+        context_keep: int | None = None,
     ) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to `prompt` (B, T); temperature 0 is greedy."""
-        idx = prompt
+        """Append `max_new_tokens` sampled tokens to `prompt` (B, T); temperature 0 is greedy.
+
+        The model sees at most block_size tokens (its positions). When the context would
+        grow past that it is cut to its last `context_keep` tokens (default block_size:
+        a sliding window that drops one token per step; a longer prompt is first cut to
+        block_size).
+
+        use_cache (the default where `can_cache`; capacity-mode MoE always falls back to
+        the uncached loop): the context runs once (prefill) and each new token is one
+        position against the cached keys, O(T) instead of a whole forward, O(T^2). Every
+        cut moves all positions, so the cache is refilled from the cut context: with the
+        sliding window that is every step past block_size (exact, no faster than
+        uncached there); `context_keep=block_size // 2` refills once per block_size // 2
+        tokens. Both paths give the same tokens and logits for any `context_keep`
+        (use_cache=False is the oracle the tests hold the cache to).
+        """
+        block = self.cfg.block_size
+        keep = block if context_keep is None else context_keep
+        if not 1 <= keep <= block:
+            raise ValueError(f"context_keep: must be between 1 and block_size={block}, got {keep}")
+        use_cache = use_cache and self.can_cache()
+        idx, start, cache = prompt, max(0, prompt.shape[1] - block), None
         for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.cfg.block_size :])
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
+            if idx.shape[1] - start > block:  # the context idx[:, start:] is full: cut it
+                start, cache = idx.shape[1] - keep, None
+            if not use_cache:
+                logits, _ = self(idx[:, start:])
+            elif cache is None:  # prefill the whole context
+                cache = self.new_cache()
+                logits, _ = self(idx[:, start:], cache=cache)
+            else:  # only the token sampled last
+                logits, _ = self(idx[:, -1:], cache=cache)
+            nxt = next_token(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def next_token(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids: argmax at temperature 0, else sampled from the
+    softmax of logits / temperature, restricted to the top_k when given."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
 
 
 def routes_tokens(ffn: nn.Module) -> bool:

@@ -4,6 +4,11 @@ Every mixer is the same causal multi-head attention block (fused qkv projection,
 attention kind, output projection ``proj``, residual dropout); a kind differs only in
 the lag parameters it owns and the functional in ``correlation`` it calls. Adding a
 kind is one subclass and one registry entry.
+
+Cached generation (``forward(x, cache)``): x holds only the new positions, which follow
+the ``cache.length`` positions the cache holds. A kind says, in ``lagged``, what its
+attention kernel is fed (q and k as they are, filtered, or circulant keys); the keys
+are cached in that form, so a new position costs one query row against them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch import Tensor, nn
 
 from leviathan.errors import ConfigError
 from leviathan.model import correlation
+from leviathan.model.cache import LayerCache
 
 KEY = "model.mixer"  # config path of the options, for error messages
 
@@ -70,19 +76,41 @@ class Mixer(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
         self.reference = False  # True: the materialised T x T path (for tests), same result
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        """x: (B, T, C), positions 0..T-1, or with a cache the T positions after its own."""
         B, T, C = x.shape
         q, k, v = (
             t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
             for t in self.qkv(x).split(C, dim=2)
         )
-        y = self.attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = self.attend(q, k, v, dropout_p=dropout_p)
+        else:
+            y = self.attend_cached(q, k, v, cache, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         """Per-head attention, (B, H, T, d) -> (B, H, T, d)."""
         return correlation.dot_attention(q, k, v, reference=self.reference, dropout_p=dropout_p)
+
+    def attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, dropout_p: float
+    ) -> Tensor:
+        """`attend` for new positions after the cached ones, which it then caches.
+
+        Always the fast kind of path (``reference`` is not consulted); the tests hold it
+        to the uncached forward.
+        """
+        start = cache.length
+        q, k = self.lagged(q, k, cache)
+        keys, values = cache.append(k, v)
+        return correlation.cached_attention(q, keys, values, start, self.head_dim**-0.5, dropout_p)
+
+    def lagged(self, q: Tensor, k: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        """The query and key rows the attention kernel sees for these new positions."""
+        return q, k
 
     def lag_parameters(self) -> list[nn.Parameter]:
         """The lag weights (not projections): an optimizer may want to keep them out of
@@ -164,6 +192,15 @@ class TokenXcorrMixer(Mixer):
             q, k, v, self.f, self.g, reference=self.reference, dropout_p=dropout_p
         )
 
+    def lagged(self, q: Tensor, k: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        """Q~ and K~ of the new positions, filtered with the last Wq-1 (Wk-1) raw q (k)."""
+        q_past = cache.history("q", q, self.options.window_q - 1)
+        k_past = cache.history("k", k, self.options.window_k - 1)
+        return (
+            correlation.causal_lag_stack(q, self.f, q_past),
+            correlation.causal_lag_stack(k, self.g, k_past),
+        )
+
     def lag_parameters(self) -> list[nn.Parameter]:
         return [self.f, self.g]
 
@@ -209,6 +246,9 @@ class ChannelXcorrMixer(Mixer):
         return correlation.channel_xcorr_attention(
             q, k, v, self.alpha, reference=self.reference, dropout_p=dropout_p
         )
+
+    def lagged(self, q: Tensor, k: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
+        return q, correlation.circulant_keys(k, self.alpha)
 
     def lag_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
