@@ -331,9 +331,9 @@ def test_failed_prepare_leaves_no_dataset(corpus, tmp_path):
 def test_broken_dataset_is_detected_and_rebuilt(corpus, tmp_path):
     cfg = DataCfg(inputs=[str(corpus)], dir=str(tmp_path / "ds"))
     index = prepare(cfg, log=lambda _: None)
-    train = index.dir / "train.bin"
+    train = index.dir / "train-00000.bin"
     train.write_bytes(train.read_bytes()[:-2])  # truncated
-    with pytest.raises(DataError, match=r"ds: train.bin is .* bytes.*leviathan prepare"):
+    with pytest.raises(DataError, match=r"ds: train-00000.bin is .* bytes.*leviathan prepare"):
         load_tokens(index.dir, "train")
     logs: list[str] = []
     prepare(cfg, log=logs.append)
