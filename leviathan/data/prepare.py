@@ -35,6 +35,7 @@ import array
 import collections
 import contextlib
 import hashlib
+import heapq
 import json
 import multiprocessing
 import os
@@ -69,7 +70,7 @@ from leviathan.data.shards import (
     load_index,
     token_dtype,
 )
-from leviathan.data.tokenizer import CHUNK_CHARS, TRAINER_VERSION, Tokenizer, training_chunks
+from leviathan.data.tokenizer import TRAINER_VERSION, Tokenizer, training_chunks
 from leviathan.errors import ConfigError, DataError
 
 BUNDLED = "<bundled>"  # the source name of the bundled corpus
@@ -120,6 +121,29 @@ def split_documents(
     return train, val, fallback is not None
 
 
+class CharSample:
+    """A seeded uniform sample of chunks holding at most `budget` characters: each chunk
+    draws a random key and the chunks of the smallest keys that fit are kept (a max-heap
+    on the key). When everything fits, everything is kept, in order."""
+
+    def __init__(self, budget: int, seed: int = SAMPLE_SEED):
+        self.budget, self.held, self.count = budget, 0, 0
+        self.rng = random.Random(seed)
+        self.heap: list[tuple[float, int, int, str]] = []  # (-key, order, document, chunk)
+
+    def add(self, document: int, chunk: str) -> None:
+        heapq.heappush(self.heap, (-self.rng.random(), self.count, document, chunk))
+        self.count += 1
+        self.held += len(chunk)
+        while self.held > self.budget:
+            self.held -= len(heapq.heappop(self.heap)[3])
+
+    def chunks(self, below: int | None = None) -> list[str]:
+        """The sample in corpus order (documents numbered `below` and on left out)."""
+        kept = sorted(self.heap, key=lambda item: item[1])
+        return [c for _, _, d, c in kept if below is None or d < below]
+
+
 @dataclass
 class Scan:
     """What the first pass learnt about the corpus."""
@@ -146,10 +170,8 @@ def scan(
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     lengths = array.array("q")
     files: list[tuple[str, int]] = []
-    capacity = -(-sample_chars // CHUNK_CHARS)
-    rng = random.Random(SAMPLE_SEED)
-    sample: list[tuple[int, str]] = []
-    seen_chunks, any_val, train_parts, first_name = 0, False, 0, ""
+    sample = CharSample(sample_chars)
+    any_val, train_parts, first_name = False, 0, ""
     for path, docs in sources:
         before = len(lengths)
         for doc in docs:
@@ -162,14 +184,8 @@ def scan(
             cut = split_point(doc.text, val_fraction)
             any_val |= cut < len(doc.text)
             train_parts += cut > 0
-            for chunk in training_chunks([doc.text[:cut]]) if capacity else ():
-                seen_chunks += 1
-                if len(sample) < capacity:
-                    sample.append((number, chunk))
-                else:
-                    j = rng.randrange(seen_chunks)
-                    if j < capacity:
-                        sample[j] = (number, chunk)
+            for chunk in training_chunks([doc.text[:cut]]) if sample_chars else ():
+                sample.add(number, chunk)
         files.append((path, len(lengths) - before))
     if not lengths:
         raise DataError(
@@ -178,11 +194,10 @@ def scan(
     fallback = None
     if not any_val and val_fraction > 0:
         fallback = fallback_start(lengths, val_fraction, first_name)
-        sample = [(n, c) for n, c in sample if n < fallback]
         train_parts = fallback
     if not train_parts:
         raise DataError("the training split is empty; lower data.val_fraction or add text")
-    chunks = [c for _, c in sample]
+    chunks = sample.chunks(below=fallback)
     return Scan(
         h.hexdigest(),
         files,

@@ -245,3 +245,42 @@ def map_tokens(index: DataIndex, split: str) -> TokenStream:
         if s["tokens"]  # an empty file cannot be mapped
     ]
     return TokenStream(parts, dtype)
+
+
+def record_dataset(run_dir: Path, index: DataIndex) -> None:
+    """Write `run_dir/dataset.json`: the dataset's absolute path and fingerprint, so the
+    run evaluates from any working directory, and a moved dataset is recognised."""
+    record = {"dir": str(index.dir.resolve()), "fingerprint": index.fingerprint}
+    (run_dir / DATASET_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+
+
+def run_dataset(run_dir: Path, configured: str, data_dir: str | os.PathLike | None) -> DataIndex:
+    """The dataset a run was trained on: `data_dir` when given (`--data-dir`), else the
+    absolute path its `dataset.json` records, else (older runs) its config's `data.dir`
+    from the working directory. A dataset whose fingerprint is not the recorded one is
+    refused: the run would be scored on other text or other ids."""
+    path = run_dir / DATASET_RECORD
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if data_dir is not None:
+        index = load_index(Path(data_dir).expanduser())
+    elif record is not None:
+        try:
+            index = load_index(record["dir"])
+        except DataError as err:
+            raise DataError(
+                f"{err} (the dataset {path} records for this run); if it moved, pass "
+                "--data-dir with its new place"
+            ) from None
+    else:
+        try:
+            index = load_index(configured)
+        except DataError as err:
+            raise DataError(
+                f"{err} (data.dir of {run_dir}, from {Path.cwd()}); pass --data-dir"
+            ) from None
+    if record is not None and index.fingerprint != record["fingerprint"]:
+        raise DataError(
+            f"--data-dir {index.dir} holds another dataset than {run_dir} was trained on "
+            f"(fingerprint {index.fingerprint[:12]}, the run's {record['fingerprint'][:12]})"
+        )
+    return index
