@@ -419,7 +419,7 @@ trap 'ray stop --force > "$OUT/stop.log" 2>&1; echo $? > "$OUT/stop.rc"' EXIT
 ray start --head --num-cpus 2 --disable-usage-stats --port 6379 > "$OUT/start.log" 2>&1 || exit 1
 SECONDS=0
 leviathan prepare --ray 127.0.0.1:6379 --input "$CORPUS" data.dir="$OUT/ray" \\
-    data.shard_tokens=2000 data.tokenizer.vocab_size=320 > "$OUT/ray.log" 2>&1
+    data.shard_tokens=2000 data.tokenizer.vocab_size=320 data.val_fraction=0.1 > "$OUT/ray.log" 2>&1
 echo $? > "$OUT/ray.rc"
 echo $SECONDS > "$OUT/ray.seconds"
 leviathan prepare --ray 127.0.0.1:6379 --input "$OUT/nocol.parquet" data.dir="$OUT/bad" \\
