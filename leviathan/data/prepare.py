@@ -70,7 +70,7 @@ from leviathan.data.shards import (
     load_index,
     token_dtype,
 )
-from leviathan.data.tokenizer import TRAINER_VERSION, Tokenizer, training_chunks
+from leviathan.data.tokenizer import TRAINER_VERSION, Tokenizer, training_chunks, word_pieces
 from leviathan.errors import ConfigError, DataError
 
 BUNDLED = "<bundled>"  # the source name of the bundled corpus
@@ -250,13 +250,22 @@ def encode_batch(plan: Plan, first: int, docs: list[Document], num_threads: int 
     ids = tok.encode_arrays(texts, np.dtype(plan.dtype), num_threads)
     out: Encoded = {s: [] for s in SPLITS}
     for k, (name, text, split) in enumerate(zip(names, texts, splits, strict=True)):
-        if (plan.check_all or k == 0) and tok.decode(ids[k]) != text:
+        if plan.check_all:
+            exact = tok.decode(ids[k]) == text
+        else:  # the batch's first word-aligned piece: its ids lead the part's
+            exact = k > 0 or _piece_round_trips(tok, text, ids[k])
+        if not exact:
             raise DataError(
                 f"the tokenizer does not reproduce {name} exactly (decode(encode(text)) "
                 "differs); use a model trained by `leviathan prepare`"
             )
         out[split].append((ids[k], len(text), len(text.encode("utf-8"))))
     return out
+
+
+def _piece_round_trips(tok: Tokenizer, text: str, ids: np.ndarray) -> bool:
+    piece = next(word_pieces(text))
+    return tok.decode(ids[: len(tok.encode(piece))]) == piece
 
 
 def _encode_job(job: tuple[Plan, int, list[Document]]) -> Encoded:
@@ -279,26 +288,36 @@ def document_batches(
         yield first, batch
 
 
-def encode_local(
-    docs: Iterable[Document], plan: Plan, workers: int, batch_chars: int, one_batch: bool
-) -> Iterator[Encoded]:
-    """Encoded batches in corpus order, from `workers` processes (in this one when
-    `workers` is 1 or the corpus is `one_batch`); at most 2 batches per worker in flight."""
-    batches = document_batches(docs, batch_chars)
-    if workers <= 1 or one_batch:
-        for first, batch in batches:
-            yield encode_batch(plan, first, batch, num_threads=workers)
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """`workers` encoding processes, or None for one. Started before the tokenizer trains,
+    while this process is small: forked workers inherit (and count) its memory."""
+    if workers <= 1:
+        yield None
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with context.Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
+        yield pool
+
+
+def encode_local(
+    docs: Iterable[Document], plan: Plan, pool: Any, batch_chars: int, in_flight: int
+) -> Iterator[Encoded]:
+    """Encoded batches in corpus order, from the processes of `pool` (in this one when
+    it is None); at most `in_flight` batches out at once, so memory stays bounded."""
+    batches = document_batches(docs, batch_chars)
+    if pool is None:
         for first, batch in batches:
-            pending.append(pool.apply_async(_encode_job, ((plan, first, batch),)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
+            yield encode_batch(plan, first, batch)
+        return
+    pending: collections.deque = collections.deque()
+    for first, batch in batches:
+        pending.append(pool.apply_async(_encode_job, ((plan, first, batch),)))
+        if len(pending) >= in_flight:
             yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def available_cores() -> int:
@@ -402,25 +421,29 @@ def prepare(
                 log(f"rebuilding {target}: the dataset there is incomplete or corrupt")
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.mkdir()  # (not mkdtemp: the dataset gets the umask's permissions, not 0700)
+        local = ray_address is None or not inputs
+        if ray_address is not None and local:
+            log("the bundled corpus is encoded here (Ray workers read data.inputs files)")
+        one_batch = corpus.characters <= batch_chars
         try:
-            tok = _tokenizer(tmp, corpus, tcfg, model_bytes, val_fraction, log)
-            plan = Plan(
-                val_fraction,
-                corpus.fallback,
-                tok.model_proto,
-                token_dtype(tok.vocab_size).name,
-                check_all,
-            )
-            if ray_address is not None and inputs:
-                from leviathan.data.raydata import encode_files
+            with worker_pool(workers if local and not one_batch else 1) as pool:
+                tok = _tokenizer(tmp, corpus, tcfg, model_bytes, val_fraction, log)
+                plan = Plan(
+                    val_fraction,
+                    corpus.fallback,
+                    tok.model_proto,
+                    token_dtype(tok.vocab_size).name,
+                    check_all,
+                )
+                if local:
+                    docs = (d for _, file_docs in sources() for d in file_docs)
+                    encoded = encode_local(docs, plan, pool, batch_chars, 2 * workers)
+                else:
+                    from leviathan.data.raydata import encode_files
 
-                log(f"encoding {len(corpus.files)} file(s) with Ray Data at {ray_address}")
-                encoded = encode_files(ray_address, corpus.files, plan, text_field)
-            else:
-                one_batch = corpus.characters <= batch_chars
-                docs = (d for _, file_docs in sources() for d in file_docs)
-                encoded = encode_local(docs, plan, workers, batch_chars, one_batch)
-            stats = _write_splits(tmp, encoded, tok, shard_tokens)
+                    log(f"encoding {len(corpus.files)} file(s) with Ray Data at {ray_address}")
+                    encoded = encode_files(ray_address, corpus.files, plan, text_field)
+                stats = _write_splits(tmp, encoded, tok, shard_tokens)
             if sum(s["characters"] for s in stats.values()) != corpus.characters:
                 raise DataError(f"{source} changed while being prepared; run prepare again")
             meta = _index_meta(tok, stats, corpus)
