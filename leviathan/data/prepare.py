@@ -34,6 +34,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import gc
 import hashlib
 import heapq
 import json
@@ -297,8 +298,12 @@ def worker_pool(workers: int) -> Iterator[Any]:
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with context.Pool(workers) as pool:
-        yield pool
+    gc.freeze()  # the collector would touch, so copy, every inherited object in each worker
+    try:
+        with context.Pool(workers) as pool:
+            yield pool
+    finally:
+        gc.unfreeze()
 
 
 def encode_local(
