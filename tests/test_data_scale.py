@@ -416,7 +416,8 @@ set -u
 ip link set lo up
 export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 PATH="$BIN:$PATH"
 trap 'ray stop --force > "$OUT/stop.log" 2>&1; echo $? > "$OUT/stop.rc"' EXIT
-ray start --head --num-cpus 2 --disable-usage-stats --port 6379 > "$OUT/start.log" 2>&1 || exit 1
+ray start --head --num-cpus 2 --include-dashboard=true --dashboard-host 127.0.0.1 \\
+    --dashboard-port 8265 --disable-usage-stats --port 6379 > "$OUT/start.log" 2>&1 || exit 1
 SECONDS=0
 leviathan prepare --ray 127.0.0.1:6379 --input "$CORPUS" data.dir="$OUT/ray" \\
     data.shard_tokens=2000 data.tokenizer.vocab_size=320 data.val_fraction=0.1 > "$OUT/ray.log" 2>&1
@@ -425,20 +426,34 @@ echo $SECONDS > "$OUT/ray.seconds"
 leviathan prepare --ray 127.0.0.1:6379 --input "$OUT/nocol.parquet" data.dir="$OUT/bad" \\
     > "$OUT/bad.log" 2>&1
 echo $? > "$OUT/bad.rc"
+for _ in $(seq 60); do
+    ray job list --address http://127.0.0.1:8265 > /dev/null 2>&1 && break
+    sleep 1
+done
+cd "$REPO"
+ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch/prepare.py \\
+    --input "$CORPUS" data.dir="$OUT/job" data.shard_tokens=2000 data.tokenizer.vocab_size=320 \\
+    data.val_fraction=0.1 > "$OUT/job.log" 2>&1
+echo $? > "$OUT/job.rc"
 """
 
 
 @pytest.mark.slow
 def test_ray_data_path_writes_the_local_shards(texts, folder, tmp_path):
     """A real Ray head in a private network namespace; `leviathan prepare --ray` encodes
-    on it with Ray Data: shards, tokenizer and index byte for byte the local path's."""
+    on it with Ray Data, and so does `launch/prepare.py` submitted as a Ray job: shards,
+    tokenizer and index byte for byte the local path's."""
     corpus = tmp_path / "corpus"
     shutil.copytree(folder, corpus / "txt")
     write_formats(corpus, texts[:6])  # JSONL, gzip, zstd and Parquet files too
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     local = build(corpus, tmp_path / "local", shard_tokens=2000, workers=2, batch_chars=3000)
     env = dict(
-        os.environ, BIN=str(Path(sys.executable).parent), OUT=str(tmp_path), CORPUS=str(corpus)
+        os.environ,
+        BIN=str(Path(sys.executable).parent),
+        OUT=str(tmp_path),
+        CORPUS=str(corpus),
+        REPO=str(REPO),
     )
     subprocess.run(["unshare", "-n", "bash", "-c", RAY_PREPARE], env=env, timeout=600)
     log = (tmp_path / "ray.log").read_text()
@@ -450,5 +465,8 @@ def test_ray_data_path_writes_the_local_shards(texts, folder, tmp_path):
     assert (tmp_path / "bad.rc").read_text().strip() == "2"
     assert 'nocol.parquet: no column "text"' in (tmp_path / "bad.log").read_text()
     assert not (tmp_path / "bad").exists()
+    job = (tmp_path / "job.log").read_text()
+    assert (tmp_path / "job.rc").read_text().strip() == "0", job[-4000:]
+    assert files_of(load_index(tmp_path / "job")) == files_of(local)  # launch/prepare.py
     assert (tmp_path / "stop.rc").read_text().strip() == "0"
     print(f"ray prepare: {(tmp_path / 'ray.seconds').read_text().strip()} s")
