@@ -37,6 +37,7 @@ def bounded(kind: type, low: float, what: str) -> Callable[[str], int | float]:
 
 
 STEP = bounded(int, 1, "a step number >= 1")
+THREADS = bounded(int, 1, "a number of threads >= 1")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -284,11 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
                 metavar="DIR",
                 help="the run's dataset, where it is now (default: the path the run recorded)",
             )
-            p.add_argument(
-                "--threads",
-                type=bounded(int, 1, "a number of threads >= 1"),
-                help="torch threads (default torch's)",
-            )
+            p.add_argument("--threads", type=THREADS, help="torch threads (default torch's)")
         if name == "sample":
             p.add_argument("--prompt", default="\n")
             p.add_argument("--max-new-tokens", type=bounded(int, 0, "a count >= 0"), default=200)

@@ -46,6 +46,7 @@ class TokCfg:
     kind: str = "bpe"
     vocab_size: int = 320
     model: str | None = None
+    sample_chars: int = 10_000_000
 
 
 @dataclass
@@ -54,6 +55,10 @@ class DataCfg:
     dir: str = "data"
     val_fraction: float = 0.1
     tokenizer: TokCfg = field(default_factory=TokCfg)
+    text_field: str = "text"
+    workers: int = 1
+    batch_chars: int = 4_000_000
+    shard_tokens: int = 100_000_000
 
 
 def make_text(rng: random.Random, lines: int) -> str:

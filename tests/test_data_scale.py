@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,47 +20,20 @@ import pytest
 import sentencepiece as spm
 import torch
 import zstandard
-from test_data import TRICKY, WORDS, make_text, parts_between_eos
+from test_data import TRICKY, WORDS, DataCfg, TokCfg, make_text, parts_between_eos
+from test_distributed import RAY_HEAD
 from test_train import small_config
 
 from leviathan.cli import main
-from leviathan.data import (
-    DataIndex,
-    Tokenizer,
-    get_batch,
-    global_batch_starts,
-    load_index,
-    load_tokens,
-    prepare,
-    read_documents,
-    split_documents,
-)
+from leviathan.data import DataIndex, Tokenizer, prepare, read_documents, split_documents
+from leviathan.data.sampler import get_batch, global_batch_starts
+from leviathan.data.shards import load_index, load_tokens
 from leviathan.data.tokenizer import word_pieces
 from leviathan.errors import DataError
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class TokCfg:
-    kind: str = "bpe"
-    vocab_size: int = 320
-    model: str | None = None
-    sample_chars: int = 10_000_000
-
-
-@dataclass
-class DataCfg:
-    inputs: list[str] = field(default_factory=list)
-    dir: str = "data"
-    val_fraction: float = 0.1
-    tokenizer: TokCfg = field(default_factory=TokCfg)
-    text_field: str = "text"
-    workers: int = 1
-    batch_chars: int = 4_000_000
-    shard_tokens: int = 100_000_000
 
 
 def quiet(_: str) -> None:
@@ -330,12 +303,8 @@ def test_a_short_shard_is_named(folder, tmp_path):
         load_index(index.dir)
 
 
-def test_a_failure_while_encoding_leaves_no_dataset(folder, tmp_path):
-    """The round-trip check fails in the encode pass (a model without byte fallback meets
-    a character it lacks): nothing is left that loads as a dataset."""
-    corpus = tmp_path / "corpus"
-    shutil.copytree(folder, corpus)
-    (corpus / "zz.txt").write_text("plain words\n" * 50 + "漢字 is new\n", encoding="utf-8")
+def write_raw_model(path: Path) -> None:
+    """A SentencePiece model without byte fallback: it cannot encode what it never saw."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([" ".join(WORDS)] * 50),
@@ -347,17 +316,25 @@ def test_a_failure_while_encoding_leaves_no_dataset(folder, tmp_path):
         bos_id=-1,
         minloglevel=2,
     )
-    (tmp_path / "raw.model").write_bytes(model.getvalue())
+    path.write_bytes(model.getvalue())
+
+
+def test_a_failure_while_encoding_leaves_no_dataset(folder, tmp_path):
+    """The round-trip check fails in the encode pass (a model without byte fallback meets
+    characters it lacks): nothing is left that loads as a dataset."""
+    write_raw_model(tmp_path / "raw.model")
     cfg = DataCfg(
-        inputs=[str(corpus)],
+        inputs=[str(folder)],
         dir=str(tmp_path / "ds"),
         tokenizer=TokCfg(model=str(tmp_path / "raw.model")),
         workers=2,
         batch_chars=3000,
     )
-    with pytest.raises(DataError, match="does not reproduce .*exactly"):
+    with pytest.raises(DataError, match="does not reproduce .*/d000.txt exactly"):
         prepare(cfg, log=quiet, check_all=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "corpus", "raw.model"]
+    with pytest.raises(DataError, match="does not reproduce .*/d000.txt exactly"):
+        prepare(cfg, log=quiet)  # the sampled check (first piece of a batch) too
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.lock", "raw.model"]
 
 
 # ---------------------------------------------------------------- runs
@@ -411,13 +388,9 @@ def test_prepare_cli_takes_workers_and_ray_before_overrides(folder, tmp_path, mo
 
 # ---------------------------------------------------------------- Ray Data
 
-RAY_PREPARE = """
-set -u
-ip link set lo up
-export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 PATH="$BIN:$PATH"
-trap 'ray stop --force > "$OUT/stop.log" 2>&1; echo $? > "$OUT/stop.rc"' EXIT
-ray start --head --num-cpus 2 --include-dashboard=true --dashboard-host 127.0.0.1 \\
-    --dashboard-port 8265 --disable-usage-stats --port 6379 > "$OUT/start.log" 2>&1 || exit 1
+RAY_PREPARE = (
+    RAY_HEAD
+    + """
 SECONDS=0
 leviathan prepare --ray 127.0.0.1:6379 --input "$CORPUS" data.dir="$OUT/ray" \\
     data.shard_tokens=2000 data.tokenizer.vocab_size=320 data.val_fraction=0.1 > "$OUT/ray.log" 2>&1
@@ -426,16 +399,15 @@ echo $SECONDS > "$OUT/ray.seconds"
 leviathan prepare --ray 127.0.0.1:6379 --input "$OUT/nocol.parquet" data.dir="$OUT/bad" \\
     > "$OUT/bad.log" 2>&1
 echo $? > "$OUT/bad.rc"
-for _ in $(seq 60); do
-    ray job list --address http://127.0.0.1:8265 > /dev/null 2>&1 && break
-    sleep 1
-done
-cd "$REPO"
+leviathan prepare --ray 127.0.0.1:6379 --input "$OUT/cjk.txt" data.dir="$OUT/cjk" \\
+    data.tokenizer.model="$OUT/raw.model" > "$OUT/cjk.log" 2>&1
+echo $? > "$OUT/cjk.rc"
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch/prepare.py \\
     --input "$CORPUS" data.dir="$OUT/job" data.shard_tokens=2000 data.tokenizer.vocab_size=320 \\
     data.val_fraction=0.1 > "$OUT/job.log" 2>&1
 echo $? > "$OUT/job.rc"
 """
+)
 
 
 @pytest.mark.slow
@@ -447,6 +419,8 @@ def test_ray_data_path_writes_the_local_shards(texts, folder, tmp_path):
     shutil.copytree(folder, corpus / "txt")
     write_formats(corpus, texts[:6])  # JSONL, gzip, zstd and Parquet files too
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "nocol.parquet")
+    (tmp_path / "cjk.txt").write_text("漢字 is new\n" + "plain words\n" * 50, encoding="utf-8")
+    write_raw_model(tmp_path / "raw.model")
     local = build(corpus, tmp_path / "local", shard_tokens=2000, workers=2, batch_chars=3000)
     env = dict(
         os.environ,
@@ -465,6 +439,10 @@ def test_ray_data_path_writes_the_local_shards(texts, folder, tmp_path):
     assert (tmp_path / "bad.rc").read_text().strip() == "2"
     assert 'nocol.parquet: no column "text"' in (tmp_path / "bad.log").read_text()
     assert not (tmp_path / "bad").exists()
+    cjk = (tmp_path / "cjk.log").read_text()  # a worker's error reaches the user, named
+    assert (tmp_path / "cjk.rc").read_text().strip() == "2", cjk[-4000:]
+    assert "error: the tokenizer does not reproduce" in cjk and "cjk.txt exactly" in cjk
+    assert not (tmp_path / "cjk").exists()
     job = (tmp_path / "job.log").read_text()
     assert (tmp_path / "job.rc").read_text().strip() == "0", job[-4000:]
     assert files_of(load_index(tmp_path / "job")) == files_of(local)  # launch/prepare.py

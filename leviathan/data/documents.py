@@ -202,7 +202,7 @@ def _jsonl_documents(path: str, text_field: str) -> Iterator[Document]:
     with open_binary(path) as f:
         for number, raw in enumerate(f, start=1):
             where = f"{path}:{number}"
-            line = decode_utf8(raw, f"{where} (line {number})")
+            line = decode_utf8(raw, where)
             if not line.strip():
                 continue
             try:

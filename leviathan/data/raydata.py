@@ -10,6 +10,7 @@ dumps come in such shards).
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Iterator
@@ -36,12 +37,16 @@ def encode_files(
             ray.init(
                 address=None if address == "local" else address,
                 log_to_driver=False,
+                logging_level=logging.WARNING,
                 include_dashboard=False if address == "local" else None,
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DataError(f"--ray {address}: cannot reach the Ray cluster ({e})") from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # no progress report per block
     try:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True
+        context.enable_progress_bars = False
         rows, first = [], 0
         for path, count in files:
             if count:
@@ -55,10 +60,10 @@ def encode_files(
             batch_format="numpy",
         )
         for row in encoded.iter_rows():
-            yield pickle.loads(row["encoded"])
-    except ray.exceptions.RayTaskError as e:
-        cause = e.cause if isinstance(getattr(e, "cause", None), DataError) else None
-        raise (cause or DataError(f"a Ray Data worker failed: {e}")) from None
+            result = pickle.loads(row["encoded"])
+            if isinstance(result, DataError):  # a worker's error about the data, as is
+                raise result
+            yield result
     finally:
         if owned:
             ray.shutdown()
@@ -66,13 +71,18 @@ def encode_files(
 
 def _encode_rows(batch: dict[str, np.ndarray], plan, text_field: str) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and encode each row's file; the result pickled (ids of varying
-    length, in one binary column)."""
+    length, in one binary column). A DataError is returned, not raised: Ray would wrap it
+    in its own exceptions, and the user is owed the message naming the file."""
     from leviathan.data.prepare import encode_batch
 
     out = []
     for path, first, count in zip(batch["path"], batch["first"], batch["count"], strict=True):
-        docs = list(file_documents(str(path), text_field))
-        if len(docs) != int(count):
-            raise DataError(f"{path} changed while being prepared; run prepare again")
-        out.append(pickle.dumps(encode_batch(plan, int(first), docs)))
+        try:
+            docs = list(file_documents(str(path), text_field))
+            if len(docs) != int(count):
+                raise DataError(f"{path} changed while being prepared; run prepare again")
+            result = encode_batch(plan, int(first), docs)
+        except DataError as err:
+            result = err
+        out.append(pickle.dumps(result))
     return {"encoded": np.array(out, dtype=object)}
