@@ -1,7 +1,7 @@
 """Throughput and peak memory of `leviathan prepare` (the local path) against corpus size
 and the number of worker processes.
 
-    python benchmarks/prepare.py --sizes 50 400 --workers 1 2 --out benchmarks/results/prepare.json
+    python benchmarks/prepare.py --sizes 50 400 --workers 1 2   # or: make bench-prepare
 
 Corpora are generated, not downloaded: folders of 2 MB text files of the bundled
 Shakespeare's lines, shuffled with a seed per file (so no two files are alike), `SIZE` MB
