@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling study clean
+.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-moe: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(PY) benchmarks/scaling.py --steps 30
+
+bench-prepare: $(STAMP)
+	$(PY) benchmarks/prepare.py --sizes 50 400 --workers 1 2
 
 # The mixer/FFN study of docs/results.md: 5 configs x 3 seeds x 400 steps (about an hour
 # on a 2-core CPU), then the learned lags of each correlation mixer against dot.

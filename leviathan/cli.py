@@ -37,6 +37,7 @@ def bounded(kind: type, low: float, what: str) -> Callable[[str], int | float]:
 
 
 STEP = bounded(int, 1, "a step number >= 1")
+THREADS = bounded(int, 1, "a number of threads >= 1")
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -50,12 +51,21 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from leviathan.data import prepare
 
     overrides = list(args.overrides)
+    ray_address = args.ray
+    if ray_address is not None and "=" in ray_address:  # `--ray KEY=VALUE`: no address given
+        overrides.insert(0, ray_address)
+        ray_address = "auto"
     if args.inputs:
         overrides.append(f"data.inputs=[{', '.join(repr(i) for i in args.inputs)}]")
+    if args.workers is not None:
+        overrides.append(f"data.workers={args.workers}")
     cfg = load_config(args.config, overrides)
-    index = prepare(cfg.data, rebuild=args.rebuild)
+    index = prepare(cfg.data, rebuild=args.rebuild, ray_address=ray_address)
     for split, stats in index.splits.items():
-        print(f"{split}: {stats['tokens']:,} tokens, {stats['characters']:,} characters")
+        print(
+            f"{split}: {stats['tokens']:,} tokens, {stats['characters']:,} characters, "
+            f"{len(index.shards[split])} shard(s)"
+        )
     print(f"prepared {index.dir}")
 
 
@@ -118,16 +128,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from leviathan.data import read_documents
     from leviathan.run import load_run
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run = load_run(args.run, args.checkpoint)
     if args.data:
-        docs = read_documents(args.data)
+        docs = read_documents(args.data, run.config.data.text_field, what="--data")
         result = run.evaluate_documents(docs)
         print(
             f"step {run.step}: loss {result.loss:.4f} nats/token, BPC {result.bpc:.4f} on "
             f"{len(docs):,} document(s) ({result.tokens:,} tokens)"
         )
         return
-    result = run.evaluate()
+    result = run.evaluate(data_dir=args.data_dir)
     print(
         f"step {run.step}: val loss {result.loss:.4f} nats/token, "
         f"val BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
@@ -220,7 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p)
     p.add_argument(
-        "--input", dest="inputs", action="append", help="file, folder, glob or .jsonl (repeatable)"
+        "--input",
+        dest="inputs",
+        action="append",
+        help="file, folder, glob, .jsonl or .parquet, optionally .gz/.zst (repeatable)",
+    )
+    p.add_argument(
+        "--workers",
+        type=bounded(int, 0, "a number of processes >= 0 (0: every core)"),
+        help="encoding processes (data.workers; default every core)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="ADDRESS",
+        help="encode on a Ray cluster with Ray Data (ADDRESS: host:port, default auto; "
+        "local: start one here); the shards are those of the local path",
     )
     add_rebuild_arg(p)
     p.set_defaults(func=cmd_prepare)
@@ -248,8 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "--data",
                 nargs="+",
                 metavar="PATH",
-                help="score these files, folders, globs or .jsonl instead of the val split",
+                help="score these files, folders, globs, .jsonl or .parquet, not the val split",
             )
+            p.add_argument(
+                "--data-dir",
+                metavar="DIR",
+                help="the run's dataset, where it is now (default: the path the run recorded)",
+            )
+            p.add_argument("--threads", type=THREADS, help="torch threads (default torch's)")
         if name == "sample":
             p.add_argument("--prompt", default="\n")
             p.add_argument("--max-new-tokens", type=bounded(int, 0, "a count >= 0"), default=200)

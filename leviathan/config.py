@@ -44,6 +44,9 @@ class TokenizerConfig:
     kind: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 4096
     model: str | None = None  # an existing SentencePiece model to reuse instead of training
+    # the tokenizer trains on a seeded sample of at most this many characters of training
+    # text (4096-character chunks); a smaller training text (the bundled corpus) whole
+    sample_chars: int = 10_000_000
 
 
 @dataclass
@@ -52,6 +55,10 @@ class DataConfig:
     dir: str = "data/shakespeare"
     val_fraction: float = 0.05
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    text_field: str = "text"  # the JSONL field / Parquet column holding the text
+    workers: int = 0  # encoding processes of `prepare`; 0 = every core
+    batch_chars: int = 4_000_000  # characters per encoding batch: bounds prepare's memory
+    shard_tokens: int = 100_000_000  # tokens per shard file (whole documents per shard)
 
 
 @dataclass
@@ -289,11 +296,15 @@ def validate(cfg: Config) -> None:
         "train.ckpt_interval": t.ckpt_interval,
         "train.keep_last": t.keep_last,
         "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
+        "data.tokenizer.sample_chars": d.tokenizer.sample_chars,
+        "data.batch_chars": d.batch_chars,
+        "data.shard_tokens": d.shard_tokens,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     non_negative = {
+        "data.workers": d.workers,
         "train.lr": t.lr,
         "train.min_lr": t.min_lr,
         "train.warmup_steps": t.warmup_steps,

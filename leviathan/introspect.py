@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from leviathan.data import eval_windows, load_index, load_tokens
+from leviathan.data import eval_windows, load_tokens
 from leviathan.errors import LeviathanError
 from leviathan.model import correlation
 from leviathan.run import Run, load_run
@@ -95,7 +95,7 @@ def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
     averaged over heads, over the first `windows` windows of the run's val split."""
     model = run.model
     seq_len = run.config.train.seq_len
-    tokens = load_tokens(load_index(run.config.data.dir).dir, "val")
+    tokens = load_tokens(run.dataset().dir, "val")
     inputs: dict[int, Tensor] = {}
     hooks = [
         block.mixer.register_forward_pre_hook(
@@ -124,7 +124,7 @@ def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
             hook.remove()
     if not seen:
         raise InspectError(
-            f"the val split of {run.config.data.dir} holds no window of {seq_len} tokens"
+            f"the val split of {run.dataset().dir} holds no window of {seq_len} tokens"
         )
     return sums / seen
 

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from leviathan.config import Config, ModelConfig, config_from_dict
-from leviathan.data import Document, Tokenizer, load_index, load_tokens, token_dtype
+from leviathan.data import DataIndex, Document, Tokenizer, load_tokens, token_dtype
+from leviathan.data.shards import run_dataset
 from leviathan.errors import CheckpointError, DataError
 from leviathan.export import EXPORT, model_state, read_export
 from leviathan.model import Leviathan
@@ -38,9 +39,14 @@ class Run:
             self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed
         )
 
-    def evaluate(self, batch_size: int = 16) -> EvalResult:
-        """Loss and BPC on the whole validation split the run was trained against."""
-        index = load_index(self.config.data.dir)
+    def dataset(self, data_dir: str | Path | None = None) -> DataIndex:
+        """The dataset the run was trained on (see `run_dataset`), from any directory."""
+        return run_dataset(self.dir, self.config.data.dir, data_dir)
+
+    def evaluate(self, batch_size: int = 16, data_dir: str | Path | None = None) -> EvalResult:
+        """Loss and BPC on the whole validation split the run was trained against
+        (`data_dir`: that dataset moved elsewhere)."""
+        index = self.dataset(data_dir)
         val = index.splits["val"]
         if val["tokens"] < 2:
             raise DataError(

@@ -46,6 +46,7 @@ class TokCfg:
     kind: str = "bpe"
     vocab_size: int = 320
     model: str | None = None
+    sample_chars: int = 10_000_000
 
 
 @dataclass
@@ -54,6 +55,10 @@ class DataCfg:
     dir: str = "data"
     val_fraction: float = 0.1
     tokenizer: TokCfg = field(default_factory=TokCfg)
+    text_field: str = "text"
+    workers: int = 1
+    batch_chars: int = 4_000_000
+    shard_tokens: int = 100_000_000
 
 
 def make_text(rng: random.Random, lines: int) -> str:
@@ -331,9 +336,9 @@ def test_failed_prepare_leaves_no_dataset(corpus, tmp_path):
 def test_broken_dataset_is_detected_and_rebuilt(corpus, tmp_path):
     cfg = DataCfg(inputs=[str(corpus)], dir=str(tmp_path / "ds"))
     index = prepare(cfg, log=lambda _: None)
-    train = index.dir / "train.bin"
+    train = index.dir / "train-00000.bin"
     train.write_bytes(train.read_bytes()[:-2])  # truncated
-    with pytest.raises(DataError, match=r"ds: train.bin is .* bytes.*leviathan prepare"):
+    with pytest.raises(DataError, match=r"ds: train-00000.bin is .* bytes.*leviathan prepare"):
         load_tokens(index.dir, "train")
     logs: list[str] = []
     prepare(cfg, log=logs.append)

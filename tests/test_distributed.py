@@ -203,7 +203,8 @@ def test_resume_on_another_number_of_ranks(base, oracle, name, stage):
     assert_same_curve(losses(run_dir), oracle[name])
 
 
-RAY_SESSION = """
+# A Ray head on loopback (run in `unshare -n`), its job API answering; stopped at exit.
+RAY_HEAD = """
 set -u
 ip link set lo up
 export RAY_AUTH_MODE=disabled OMP_NUM_THREADS=1 PATH="$BIN:$PATH"
@@ -215,7 +216,10 @@ for _ in $(seq 60); do
     sleep 1
 done
 cd "$REPO"
-SECONDS=0
+"""
+RAY_SESSION = (
+    RAY_HEAD
+    + """SECONDS=0
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
     python launch/train_moe.py --config "$CONFIG" run.dir="$RUN" parallel.zero_stage=2 \\
     --workers 2 --kill-rank-at-step 1 6 > "$OUT/good.log" 2>&1
@@ -225,6 +229,7 @@ ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
     python launch/train_moe.py --config "$OUT/no-such-config.yaml" > "$OUT/bad.log" 2>&1
 echo $? > "$OUT/bad.rc"
 """
+)
 
 
 def test_ray_job_survives_a_killed_worker(base, oracle):

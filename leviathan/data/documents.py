@@ -1,87 +1,124 @@
-"""Raw text in: files, folders, glob patterns and JSONL, read into an ordered list of documents.
+"""Raw text in: files, folders, globs, JSONL and Parquet, optionally gzip/zstd-compressed,
+read as a stream of documents.
 
 Order is deterministic: inputs in the order given; the files of a folder or a glob sorted by
-path; the records of a JSONL file in line order. A file reached twice (say through a folder
-and a glob) is read once, where it first appears. Documents that are empty or whitespace
-only are dropped; a corpus with nothing left is an error.
+path; the records of a JSONL or Parquet file in their order. A file reached twice (say
+through a folder and a glob) is read once, where it first appears. Documents that are empty
+or whitespace only are dropped; a corpus with nothing left is an error.
+
+Kinds, by name: `.jsonl` (one JSON object per line, the text in `text_field`), `.parquet`
+(a string column `text_field`, read a record batch at a time through pyarrow), anything
+else one plain-text document; a `.gz`, `.zst` or `.zstd` suffix on top decompresses it
+(`notes.txt.gz`, `dump.jsonl.zst`). Only a plain-text document is ever held whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import gzip
+import io
 import json
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from typing import IO
 
 from leviathan.errors import DataError
 
 GLOB_CHARS = frozenset("*?[")
+COMPRESSED = (".gz", ".zst", ".zstd")
+PARQUET_BATCH_ROWS = 1024  # rows read from a Parquet file at a time
 
 
 @dataclass(frozen=True)
 class Document:
-    """One unit of text: a file, or one record of a JSONL file (named `path:line`)."""
+    """One unit of text: a file, or one record of a JSONL/Parquet file (`path:record`)."""
 
     name: str
     text: str
 
 
-def read_documents(inputs: Iterable[str | os.PathLike]) -> list[Document]:
-    """The documents of `inputs` (files, folders, globs, `.jsonl` files), in a fixed order.
-
-    Folders are walked recursively (hidden files and folders skipped) and every regular file
-    in them is read; `.jsonl` files hold one JSON object with a string "text" per line.
-    Raises DataError naming the culprit for a missing path, a glob matching nothing, a file
-    that is not UTF-8 (with the byte offset), a bad JSONL line, or an empty corpus.
-    """
+def as_inputs(inputs: Iterable[str | os.PathLike] | str | os.PathLike) -> list[str]:
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    inputs = [os.fspath(i) for i in inputs]
+    return [os.fspath(i) for i in inputs]
+
+
+def source_files(
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike, what: str = "data.inputs"
+) -> list[str]:
+    """The regular files `inputs` stand for, in reading order, each once. `what` names the
+    setting or argument the inputs came from in errors."""
+    inputs = as_inputs(inputs)
     if not inputs:
-        raise DataError("data.inputs is empty: give at least one file, folder or glob")
+        raise DataError(f"{what} is empty: give at least one file, folder or glob")
     seen: set[str] = set()
-    docs: list[Document] = []
-    for path in _expand(inputs):
+    files = []
+    for path in _expand(inputs, what):
         key = os.path.realpath(path)
-        if key in seen:
-            continue
-        seen.add(key)
-        docs.extend(_read_file(path))
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+    return files
+
+
+def iter_documents(
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    text_field: str = "text",
+    what: str = "data.inputs",
+) -> Iterator[Document]:
+    """The non-blank documents of `inputs`, streamed in a fixed order (see the module
+    docstring). DataError names the culprit: a missing path, a glob matching nothing, a
+    file that is not UTF-8, a bad JSONL line, a Parquet file without the column, a corrupt
+    compressed file, or a corpus with no text at all."""
+    inputs = as_inputs(inputs)
+    found = False
+    for path in source_files(inputs, what):
+        for doc in file_documents(path, text_field):
+            found = True
+            yield doc
+    if not found:
         raise DataError(
             f"empty corpus: {', '.join(inputs)} hold no text (every document is empty or "
             "whitespace only)"
         )
-    return docs
 
 
-def _expand(inputs: list[str]) -> Iterator[str]:
+def read_documents(
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    text_field: str = "text",
+    what: str = "data.inputs",
+) -> list[Document]:
+    """`iter_documents` as a list: for text small enough to hold (`eval --data`)."""
+    return list(iter_documents(inputs, text_field, what))
+
+
+def _expand(inputs: list[str], what: str) -> Iterator[str]:
     """Each input as the regular files it stands for, in order."""
     for raw in inputs:
         path = os.path.expanduser(raw)
         if os.path.isdir(path):
-            yield from _walk(path)
+            yield from _walk(path, what)
         elif os.path.isfile(path):
             yield path
         elif GLOB_CHARS & set(path):
             matches = sorted(glob.glob(path, recursive=True))
             if not matches:
-                raise DataError(f"data.inputs: glob pattern {raw!r} matches no file")
+                raise DataError(f"{what}: glob pattern {raw!r} matches no file")
             for match in matches:
                 if os.path.isdir(match):
-                    yield from _walk(match)
+                    yield from _walk(match, what)
                 elif os.path.isfile(match):
                     yield match
         elif os.path.exists(path):
-            raise DataError(f"data.inputs: {raw!r} is neither a regular file nor a folder")
+            raise DataError(f"{what}: {raw!r} is neither a regular file nor a folder")
         else:
-            raise DataError(f"data.inputs: {raw!r} does not exist")
+            raise DataError(f"{what}: {raw!r} does not exist")
 
 
-def _walk(folder: str) -> Iterator[str]:
+def _walk(folder: str, what: str) -> Iterator[str]:
     files = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -92,7 +129,7 @@ def _walk(folder: str) -> Iterator[str]:
             found = True
             yield path
     if not found:
-        raise DataError(f"data.inputs: folder {folder!r} holds no file")
+        raise DataError(f"{what}: folder {folder!r} holds no file")
 
 
 def decode_utf8(data: bytes, name: str) -> str:
@@ -102,37 +139,112 @@ def decode_utf8(data: bytes, name: str) -> str:
     except UnicodeDecodeError as e:
         raise DataError(
             f"{name} is not UTF-8 text: byte {e.start} (0x{data[e.start]:02x}) cannot be "
-            "decoded; convert the file to UTF-8 or remove it from data.inputs"
+            "decoded; convert the file to UTF-8 or remove it from the inputs"
         ) from None
     return text[1:] if text.startswith("\ufeff") else text
 
 
-def _read_file(path: str) -> list[Document]:
+def file_documents(path: str, text_field: str = "text") -> Iterator[Document]:
+    """The non-blank documents of one file, streamed (see the module docstring)."""
+    inner = _strip_compression(path)
     try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e.strerror}") from None
-    text = decode_utf8(data, path)
-    if path.endswith(".jsonl"):
-        return list(_jsonl_documents(path, text))
-    return [Document(path, text)]
+        if inner.endswith(".parquet"):
+            docs = _parquet_documents(path, text_field)
+        elif inner.endswith(".jsonl"):
+            docs = _jsonl_documents(path, text_field)
+        else:
+            docs = _text_document(path)
+        for doc in docs:
+            if doc.text.strip():
+                yield doc
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is corrupt or truncated ({e}); re-create or remove it") from None
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise DataError(
+                f"{path} is not valid zstd data ({e}); re-create or remove it"
+            ) from None
+        if isinstance(e, OSError):
+            raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+        raise
 
 
-def _jsonl_documents(path: str, text: str) -> Iterator[Document]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise DataError(f'{where}: expected a JSON object with a "text" field')
-        if not isinstance(record["text"], str):
-            kind = type(record["text"]).__name__
-            raise DataError(f'{where}: "text" must be a string, not {kind}')
-        yield Document(where, record["text"])
+def _strip_compression(path: str) -> str:
+    for suffix in COMPRESSED:
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+@contextlib.contextmanager
+def open_binary(path: str) -> Iterator[IO[bytes]]:
+    """`path` opened for reading bytes, decompressed by its suffix."""
+    if path.endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            yield f
+    elif path.endswith((".zst", ".zstd")):
+        import zstandard
+
+        with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as f:
+            yield io.BufferedReader(f)
+    else:
+        with open(path, "rb") as f:
+            yield f
+
+
+def _text_document(path: str) -> Iterator[Document]:
+    with open_binary(path) as f:
+        data = f.read()
+    yield Document(path, decode_utf8(data, path))
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[Document]:
+    with open_binary(path) as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            line = decode_utf8(raw, where)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise DataError(
+                    f'{where}: expected a JSON object with a "{text_field}" field'
+                    + ("" if text_field != "text" else " (another name: set data.text_field)")
+                )
+            if not isinstance(record[text_field], str):
+                kind = type(record[text_field]).__name__
+                raise DataError(f'{where}: "{text_field}" must be a string, not {kind}')
+            yield Document(where, record[text_field])
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with open_binary(path) as raw:
+            source = raw if path.endswith(".parquet") else pa.BufferReader(raw.read())
+            table = pq.ParquetFile(source)
+            names = table.schema_arrow.names
+            if text_field not in names:
+                raise DataError(
+                    f'{path}: no column "{text_field}" (it has {", ".join(names) or "none"}); '
+                    "set data.text_field to the column that holds the text"
+                )
+            kind = table.schema_arrow.field(text_field).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise DataError(f'{path}: column "{text_field}" holds {kind}, not strings')
+            row = 0
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    if text is not None:
+                        yield Document(f"{path}:{row}", text)
+    except pa.ArrowException as e:
+        raise DataError(f"{path} is not a readable Parquet file ({e})") from None
 
 
 def split_point(text: str, val_fraction: float) -> int:

@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from leviathan.errors import DataError
@@ -29,6 +30,7 @@ from leviathan.errors import DataError
 KINDS = ("bpe", "unigram")
 TRAINER_VERSION = 1  # part of a dataset's fingerprint: bump when the training options change
 META = "\u2581"  # SentencePiece's whitespace symbol
+ENCODE_PIECE_CHARS = 4096  # texts are encoded in word-aligned pieces of about this length
 CHUNK_CHARS = 4096  # training sentences are at most this long (SentencePiece skips longer)
 MAX_SENTENCES = 200_000  # beyond this many chunks (~800 MB) the trainer samples, seeded
 # Unigram training sums over threads, so its result depends on their number: fixed here, the
@@ -149,6 +151,25 @@ class Tokenizer:
                 out[i] = self.encode(t)
         return out
 
+    def encode_arrays(
+        self, texts: Sequence[str], dtype: np.dtype, num_threads: int = 1
+    ) -> list[np.ndarray]:
+        """`encode` of each text as a `dtype` array, long texts cut into word-aligned pieces
+        first: SentencePiece's BPE is slower per character on long inputs, and no piece
+        spans a space that follows a non-space (a word start), so the ids are the same."""
+        pieces: list[str] = []
+        owners: list[int] = []
+        for i, text in enumerate(texts):
+            for piece in word_pieces(text):
+                pieces.append(piece)
+                owners.append(i)
+        encoded = self.encode_batch(pieces, num_threads=num_threads)
+        parts: list[list[np.ndarray]] = [[] for _ in texts]
+        for i, ids in zip(owners, encoded, strict=True):
+            parts[i].append(np.asarray(ids, dtype=dtype))
+        empty = np.zeros(0, dtype=dtype)
+        return [np.concatenate(p) if len(p) > 1 else (p[0] if p else empty) for p in parts]
+
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; end-of-document ids decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
@@ -194,6 +215,22 @@ def training_chunks(texts: Iterable[str], size: int = CHUNK_CHARS) -> Iterator[s
             if piece.strip():
                 yield piece
             start = end
+
+
+def word_pieces(text: str, size: int = ENCODE_PIECE_CHARS) -> Iterator[str]:
+    """`text` cut, every `size` characters or so, just before a space that follows a
+    non-space: the start of a SentencePiece word, so encoding the pieces one by one gives
+    the ids of the whole. A stretch with no such space is not cut."""
+    start, n = 0, len(text)
+    while n - start > size:
+        cut = text.find(" ", start + size)
+        while cut != -1 and text[cut - 1] == " ":
+            cut = text.find(" ", cut + 1)
+        if cut == -1:
+            break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def _training_error(message: str, kind: str, vocab_size: int) -> str:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
-from leviathan.data.shards import TOKENIZER_FILE
+from leviathan.data.shards import TOKENIZER_FILE, record_dataset
 from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import (
     CheckpointError,
@@ -273,6 +273,7 @@ def run_training(
     if main:
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(index.tokenizer_path, run_dir / TOKENIZER_FILE)
+        record_dataset(run_dir, index)
 
     train_tokens = load_tokens(index.dir, "train")
     val_tokens = load_tokens(index.dir, "val")
