@@ -1,5 +1,6 @@
 """Progress that fits cluster logs: plain lines into a pipe, the bar only on a terminal."""
 
+import contextlib
 import io
 import os
 import pty
@@ -159,16 +160,20 @@ def test_lines_mode_cadence_resume_and_early_stop():
     assert len(said) == 4  # off rank 0 nothing
 
 
-def test_warnings_go_through_the_reporter():
-    said = []
+def test_warnings_are_shown_above_the_bar():
+    stream = io.StringIO()
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         before = warnings.showwarning
-        progress = Progress(10, 0, mode="lines", log=said.append)
-        warnings.warn("capacity slots are shared", UserWarning, stacklevel=1)
+        progress = Progress(10, 0, mode="bar", stream=stream)
+        with contextlib.redirect_stdout(io.StringIO()) as out:  # tqdm.write's stream
+            warnings.warn("capacity slots are shared", UserWarning, stacklevel=1)
         progress.close()
         assert warnings.showwarning is before
-    assert said and said[0].startswith("warning: UserWarning: capacity slots are shared (")
+        lines = Progress(10, 0, mode="lines", log=print)  # plain lines: Python shows them
+        assert warnings.showwarning is before
+        lines.close()
+    assert out.getvalue().startswith("warning: UserWarning: capacity slots are shared (")
 
 
 def test_clock():

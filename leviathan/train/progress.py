@@ -7,9 +7,9 @@ only when its stream (stderr) is a terminal; otherwise one plain line every
 
     step 50/800: loss 4.5123, 12,345 tok/s, 3.2 GFLOP/s, elapsed 0:01:02, ETA 0:15:30
 
-Messages during the loop (eval lines, Python warnings) go through the same reporter, so
-they never tear a bar frame. `train.progress` (auto, bar, lines) overrides the terminal
-test, e.g. for a test or a terminal multiplexer that logs.
+Messages during the loop (eval lines; Python warnings while the bar is drawn) go through
+the same reporter, so they never tear a bar frame. `train.progress` (auto, bar, lines)
+overrides the terminal test, e.g. for a test or a terminal multiplexer that logs.
 """
 
 from __future__ import annotations
@@ -62,8 +62,10 @@ class Progress:
 
     Disabled (every call a no-op) off rank 0. In lines mode the lines go to `log` (the
     loop's, print by default) and stdout is flushed after each, so a log that is a pipe
-    shows them as they happen. Close it to print the last step (if its line is still
-    due) and to restore Python's warning display.
+    shows them as they happen. While the bar is drawn, Python warnings are shown above
+    it (through `write`) instead of across it; plain lines leave them to Python (stderr:
+    a caller's `log` may drop messages, and a warning must not vanish with them). Close
+    it to print the last step (if its line is still due) and restore the warning display.
     """
 
     def __init__(
@@ -88,7 +90,7 @@ class Progress:
                 total=total, initial=initial, unit="step", dynamic_ncols=True, file=stream
             )
         self.shown_warning = warnings.showwarning
-        if enabled:
+        if self.bar is not None:
             warnings.showwarning = self.show_warning
 
     def step(self, record: dict[str, Any]) -> None:
@@ -127,7 +129,7 @@ class Progress:
         sys.stdout.flush()
 
     def show_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
-        """`warnings.showwarning` while the reporter is open: through `write`."""
+        """`warnings.showwarning` while the bar is drawn: above it."""
         self.write(f"warning: {category.__name__}: {message} ({filename}:{lineno})")
 
     def close(self) -> None:
