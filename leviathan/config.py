@@ -85,6 +85,10 @@ class TrainConfig:
     # only, with dynamic loss scaling
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     peak_flops: float | None = None  # FLOP/s of one device for MFU; None: train/mfu.py's table
+    # progress on rank 0: auto draws the bar when stderr is a terminal, else plain lines
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    log_interval: int = 50  # steps between plain progress lines (first and last always)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
 
 @dataclass
@@ -294,6 +298,7 @@ def validate(cfg: Config) -> None:
         "train.max_steps": t.max_steps,
         "train.eval_interval": t.eval_interval,
         "train.ckpt_interval": t.ckpt_interval,
+        "train.log_interval": t.log_interval,
         "train.keep_last": t.keep_last,
         "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
         "data.tokenizer.sample_chars": d.tokenizer.sample_chars,

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from tqdm import tqdm
 
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
@@ -51,6 +50,8 @@ from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
 from leviathan.train.plots import plot_curves, plot_expert_load
+from leviathan.train.progress import Progress
+from leviathan.train.recompute import apply_activation_checkpointing
 from leviathan.train.rundir import METRICS_FILE, RunLock, check_fresh, usable_run_dir
 from leviathan.train.schedule import lr_at
 
@@ -245,6 +246,8 @@ def run_training(
     say = log if main else quiet
     torch.manual_seed(t.seed)
     model = Leviathan(model_cfg, ep_group=world.ep_group)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(model)
     n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
     flops_per_token = model.flops_per_token(t.seq_len)
     parallel = {
@@ -288,14 +291,14 @@ def run_training(
         if main
         else None
     )
-    bar = tqdm(
-        total=t.max_steps, initial=start_step, disable=not main, unit="step", dynamic_ncols=True
+    progress = Progress(
+        t.max_steps, start_step, enabled=main, mode=t.progress, interval=t.log_interval, log=log
     )
     started = time.perf_counter()
     end_step = min(stop_at or t.max_steps, t.max_steps)
     with (
         CtrlC(enabled=engine.world_size == 1) as ctrl_c,
-        contextlib.closing(bar),
+        contextlib.closing(progress),
         contextlib.closing(metrics) if main else contextlib.nullcontext(),
     ):
         for step in range(start_step, end_step):
@@ -341,7 +344,7 @@ def run_training(
                 )
                 record.update(val_loss=ev.loss, val_bpc=ev.bpc)
                 if main:
-                    bar.write(
+                    progress.write(
                         f"step {done}: train loss {result.loss:.4f}, "
                         f"val loss {ev.loss:.4f}, val BPC {ev.bpc:.4f}"
                         + ("" if ev.exact else " (estimate)")
@@ -353,12 +356,7 @@ def run_training(
                     load_png = run_dir / "expert_load.png"
                     plot_expert_load(run_dir / METRICS_FILE, load_png)
                     wandb_run.log_image("moe/expert_load", load_png, done)
-                bar.set_postfix(
-                    loss=f"{result.loss:.3f}",
-                    tok_s=f"{record['tokens_per_s']:.0f}",
-                    **mfu.postfix(record),
-                )
-                bar.update(1)
+                progress.step(record)
             if on_step:
                 on_step(record)
             out_of_time = stop_after_s is not None and time.perf_counter() - started >= stop_after_s
