@@ -1,0 +1,85 @@
+"""`train.compile`: the blocks under `torch.compile`, applied from the training side.
+
+What is compiled: each block's forward at the training shape. A block with a dense FFN
+is compiled whole (norms, mixer, FFN, residuals: one graph); a block with a routed (MoE)
+FFN has only its mixer half (x + mixer(norm1(x))) compiled and its FFN left eager, since
+the MoE layer has data-dependent shapes (tokens per expert), a per-expert Python loop,
+`.tolist()` syncs and Python-side metrics, which would graph-break or recompile every step.
+The embeddings, the head and the loss stay eager: the model's own forward, with its
+cache argument, is not touched.
+
+Shapes: graphs are specialised (`dynamic=False`) to sequences of `train.seq_len`
+positions. Any other call runs the eager block: a KV-cached call (generation), a shorter
+window (eval's final partial batch, uncached generation). A new batch size at
+`train.seq_len` compiles once more; the training loop sees at most three (the
+micro-batch in training, the eval batch, in no-grad eval mode), so recompiles are
+bounded by a constant, never one per step (tests/test_compile.py counts them).
+
+Like activation checkpointing, this patches `block.forward` on the built model: the
+module tree and its state_dict keys are unchanged (checkpoints of compiled and eager
+runs are interchangeable) and both engines run it alike. The two combine: the
+checkpointed block recomputes its compiled forward in backward.
+"""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+# graphs specialised to one shape: a recompile is a new shape, never a new step
+COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
+
+
+def resolve_compile(setting: bool | str, device: torch.device, mixer_kind: str) -> bool:
+    """Whether to compile: `true`/`false` as given; `auto` per the rule measured in
+    benchmarks/train_step.py (README "Compiled training"): on CUDA, always; on CPU, only
+    where a C++ compiler exists (inductor needs one) and never for `dot`, whose eager
+    step is already as fast as compiled, while the correlation mixers (token_xcorr,
+    channel_xcorr) gain."""
+    if setting is True or setting is False:
+        return setting
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not has_cxx_compiler():
+        return False
+    return mixer_kind != "dot"
+
+
+def has_cxx_compiler() -> bool:
+    return any(shutil.which(name) for name in ("g++", "c++", "clang++"))
+
+
+def apply_compile(model: nn.Module, seq_len: int) -> int:
+    """Compile each of `model.blocks` (a Leviathan) for sequences of `seq_len`; returns
+    how many. Applying it twice is a no-op. Apply before activation checkpointing."""
+    compiled = 0
+    for block in model.blocks:
+        if getattr(block, "compiled", False):
+            continue
+        block.forward = compiled_forward(block, seq_len)
+        block.compiled = True
+        compiled += 1
+    return compiled
+
+
+def compiled_forward(block: nn.Module, seq_len: int):
+    plain = block.forward
+    routed = hasattr(block.ffn, "pop_metrics")  # an MoE FFN: left eager
+
+    def mixer_half(x: torch.Tensor) -> torch.Tensor:
+        return x + block.mixer(block.norm1(x), None)
+
+    fast = torch.compile(mixer_half if routed else plain, **COMPILE_OPTIONS)
+
+    def forward(x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        if cache is not None or x.shape[1] != seq_len:
+            return plain(x, cache)
+        if not routed:
+            return fast(x)
+        x = fast(x)
+        return x + block.ffn(block.norm2(x))
+
+    return forward
