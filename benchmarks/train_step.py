@@ -35,33 +35,51 @@ from leviathan.train.optim import build_adamw  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_times(config: str, compiled: bool, device: str, warmup: int, steps: int) -> dict:
-    cfg = load_config(ROOT / "configs" / config)
-    model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.tokenizer.vocab_size)
-    B, T = cfg.train.micro_batch_size, cfg.train.seq_len
-    torch.manual_seed(0)
-    model = Leviathan(model_cfg).to(device).train()
-    if compiled:
-        apply_compile(model, T)
-    opt = build_adamw(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, model_cfg.vocab_size, (B, T + 1), generator=gen).to(device)
-    times = []
-    for _ in range(warmup + steps):
+class Run:
+    """One model and optimizer training on fixed random tokens, timed per step."""
+
+    def __init__(self, config: str, compiled: bool, device: str):
+        cfg = load_config(ROOT / "configs" / config)
+        vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
+        self.cfg = replace(cfg.model, vocab_size=vocab)
+        self.B, self.T, self.device = cfg.train.micro_batch_size, cfg.train.seq_len, device
+        torch.manual_seed(0)
+        self.model = Leviathan(self.cfg).to(device).train()
+        if compiled:
+            apply_compile(self.model, self.T)
+        self.opt = build_adamw(self.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(0)
+        self.idx = torch.randint(0, vocab, (self.B, self.T + 1), generator=gen).to(device)
+        self.times: list[float] = []
+
+    def step(self) -> None:
         tick = time.perf_counter()
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        _, loss = self.model(self.idx[:, :-1], self.idx[:, 1:])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - tick)
+        self.times.append(time.perf_counter() - tick)
+
+
+def measure(config: str, device: str, warmup: int, steps: int) -> dict:
+    """Eager and compiled steps alternated, so load from elsewhere hits both alike."""
+    eager, fast = Run(config, False, device), Run(config, True, device)
+    for _ in range(warmup + steps):
+        eager.step()
+        fast.step()
+    eager_ms = 1e3 * statistics.median(eager.times[warmup:])
+    compiled_ms = 1e3 * statistics.median(fast.times[warmup:])
     return {
-        "first_step_s": times[0],
-        "median_ms": 1e3 * statistics.median(times[warmup:]),
-        "mixer": model_cfg.mixer.kind,
-        "batch": B,
-        "seq_len": T,
+        "config": config,
+        "mixer": eager.cfg.mixer.kind,
+        "batch": eager.B,
+        "seq_len": eager.T,
+        "eager_ms": round(eager_ms, 1),
+        "compiled_ms": round(compiled_ms, 1),
+        "compiled_over_eager": round(compiled_ms / eager_ms, 3),
+        "first_compiled_step_s": round(fast.times[0], 1),
     }
 
 
@@ -77,25 +95,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     print(
-        f"{'config':<16}{'mixer':<13}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}"
+        f"{'config':<20}{'mixer':<13}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}"
         f"{'compile s':>11}"
     )
     for config in args.configs:
-        eager = step_times(config, False, args.device, args.warmup, args.steps)
-        fast = step_times(config, True, args.device, args.warmup, args.steps)
-        row = {
-            "config": config,
-            "mixer": eager["mixer"],
-            "batch": eager["batch"],
-            "seq_len": eager["seq_len"],
-            "eager_ms": round(eager["median_ms"], 1),
-            "compiled_ms": round(fast["median_ms"], 1),
-            "compiled_over_eager": round(fast["median_ms"] / eager["median_ms"], 3),
-            "first_compiled_step_s": round(fast["first_step_s"], 1),
-        }
+        row = measure(config, args.device, args.warmup, args.steps)
         rows.append(row)
         print(
-            f"{config:<16}{row['mixer']:<13}{row['eager_ms']:>10.1f}{row['compiled_ms']:>13.1f}"
+            f"{config:<20}{row['mixer']:<13}{row['eager_ms']:>10.1f}{row['compiled_ms']:>13.1f}"
             f"{row['compiled_over_eager']:>7.3f}{row['first_compiled_step_s']:>11.1f}"
         )
     if args.out:

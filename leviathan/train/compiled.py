@@ -33,19 +33,28 @@ from torch import nn
 COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
-def resolve_compile(setting: bool | str, device: torch.device, mixer_kind: str) -> bool:
-    """Whether to compile: `true`/`false` as given; `auto` per the rule measured in
-    benchmarks/train_step.py (README "Compiled training"): on CUDA, always; on CPU, only
-    where a C++ compiler exists (inductor needs one) and never for `dot`, whose eager
-    step is already as fast as compiled, while the correlation mixers (token_xcorr,
-    channel_xcorr) gain."""
+# measured (benchmarks/train_step.py, README "Compiled training"): on CPU compiling pays
+# for the correlation mixers only; dot's eager step is already as fast
+CPU_GAINS = frozenset({"token_xcorr", "channel_xcorr"})
+# a cold compile takes ~30 s on CPU and saves ~1/4 of a tiny step: below about 200 tiny
+# steps of training FLOPs (~2.5 min eager on one core) it does not pay back
+CPU_MIN_RUN_FLOPS = 1e13
+
+
+def resolve_compile(
+    setting: bool | str, device: torch.device, mixer: str, run_flops: float
+) -> bool:
+    """Whether to compile: `true`/`false` as given; `auto` by the measured rule: on CUDA
+    always; on CPU when a C++ compiler exists (inductor needs one), the mixer is one
+    compiling speeds up (CPU_GAINS) and the run is long enough (`run_flops`, the
+    training FLOPs of every step of this rank) for the compilation to pay back."""
     if setting is True or setting is False:
         return setting
     if device.type == "cuda":
         return True
     if device.type != "cpu" or not has_cxx_compiler():
         return False
-    return mixer_kind != "dot"
+    return mixer in CPU_GAINS and run_flops >= CPU_MIN_RUN_FLOPS
 
 
 def has_cxx_compiler() -> bool:

@@ -247,7 +247,9 @@ def run_training(
     say = log if main else quiet
     torch.manual_seed(t.seed)
     model = Leviathan(model_cfg, ep_group=world.ep_group)
-    compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind)
+    run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
+    run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
+    compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
     if compiled:
         apply_compile(model, t.seq_len)
     if t.activation_checkpointing:
