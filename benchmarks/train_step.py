@@ -6,7 +6,8 @@ For each config (default: tiny.yaml, token_xcorr, and tiny-dot.yaml) the model i
 twice from the same seed, once eager and once with `apply_compile` (what
 `train.compile: true` does), and both train on the same random tokens at the config's
 seq_len and micro-batch, side by side in this process. Reported: the time of the first
-compiled steps (compilation), then the median of `--steps` steps after `--warmup`
+compiled step (compilation; seconds when inductor's on-disk cache is warm, 30-40 s
+cold), then the median of `--steps` steps after `--warmup`
 warm-up steps, and compiled / eager. This table is the measurement behind
 `train.compile: auto` (leviathan/train/compiled.py).
 """
@@ -115,6 +116,8 @@ def main() -> None:
             "warmup": args.warmup,
             "steps": args.steps,
             "statistic": "median step time after warm-up",
+            "first_compiled_step_s": "includes compilation, from inductor's on-disk cache "
+            "when warm (seconds); cold, 30-40 s per model on this CPU",
         }
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
 

@@ -10,10 +10,11 @@ cache argument, is not touched.
 
 Shapes: graphs are specialised (`dynamic=False`) to sequences of `train.seq_len`
 positions. Any other call runs the eager block: a KV-cached call (generation), a shorter
-window (eval's final partial batch, uncached generation). A new batch size at
-`train.seq_len` compiles once more; the training loop sees at most three (the
-micro-batch in training, the eval batch, in no-grad eval mode), so recompiles are
-bounded by a constant, never one per step (tests/test_compile.py counts them).
+window (eval's final partial window, uncached generation). A new batch size at
+`train.seq_len` (or no-grad eval mode) compiles once more: training compiles once (both
+blocks share one frame) and eval once per batch shape it uses (the periodic eval's, the
+final eval's full batches and their last, shorter one), a constant, never one per step
+(tests/test_compile.py counts dynamo's frames: 4 for a whole `train()`).
 
 Like activation checkpointing, this patches `block.forward` on the built model: the
 module tree and its state_dict keys are unchanged (checkpoints of compiled and eager
