@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare study clean
+.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step study clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -34,6 +34,9 @@ bench-moe: $(STAMP)
 
 bench-scaling: $(STAMP)
 	$(PY) benchmarks/scaling.py --steps 30
+
+bench-train-step: $(STAMP)
+	$(PY) benchmarks/train_step.py --threads 1 --configs tiny.yaml tiny-dot.yaml study-channel.yaml tiny-moe.yaml --out benchmarks/results/train_step.json
 
 bench-prepare: $(STAMP)
 	$(PY) benchmarks/prepare.py --sizes 50 400 --workers 1 2

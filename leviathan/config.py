@@ -89,6 +89,9 @@ class TrainConfig:
     progress: Literal["auto", "bar", "lines"] = "auto"
     log_interval: int = 50  # steps between plain progress lines (first and last always)
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    # torch.compile the blocks at train.seq_len (MoE FFNs stay eager); auto: on CUDA, and on
+    # CPU for the correlation mixers in runs long enough to pay back (train/compiled.py)
+    compile: bool | Literal["auto"] = "auto"
 
 
 @dataclass

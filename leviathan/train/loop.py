@@ -46,6 +46,7 @@ from leviathan.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from leviathan.train.compiled import apply_compile, resolve_compile
 from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
@@ -246,6 +247,11 @@ def run_training(
     say = log if main else quiet
     torch.manual_seed(t.seed)
     model = Leviathan(model_cfg, ep_group=world.ep_group)
+    run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
+    run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
+    compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
+    if compiled:
+        apply_compile(model, t.seq_len)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
@@ -261,6 +267,7 @@ def run_training(
         f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
         f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
         + ", ".join(f"{k} {v}" for k, v in parallel.items())
+        + f"; compiled {compiled}"
     )
     engine = build_engine(cfg, model, world)
     parallel["local_params"] = engine.local_param_numel()  # this rank's; ZeRO-3: ~1/world

@@ -1,0 +1,126 @@
+"""One training step (forward + backward + AdamW) of the tiny model, eager and compiled.
+
+    python benchmarks/train_step.py --threads 1 --out benchmarks/results/train_step.json
+
+For each config (default: tiny.yaml, token_xcorr, and tiny-dot.yaml) the model is built
+twice from the same seed, once eager and once with `apply_compile` (what
+`train.compile: true` does), and both train on the same random tokens at the config's
+seq_len and micro-batch, side by side in this process. Reported: the time of the first
+compiled step (compilation; seconds when inductor's on-disk cache is warm, 30-40 s
+cold), then the median of `--steps` steps after `--warmup`
+warm-up steps, and compiled / eager. This table is the measurement behind
+`train.compile: auto` (leviathan/train/compiled.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
+sys.path.remove(str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from leviathan.config import load_config  # noqa: E402
+from leviathan.model import Leviathan  # noqa: E402
+from leviathan.train.compiled import apply_compile  # noqa: E402
+from leviathan.train.optim import build_adamw  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Run:
+    """One model and optimizer training on fixed random tokens, timed per step."""
+
+    def __init__(self, config: str, compiled: bool, device: str):
+        cfg = load_config(ROOT / "configs" / config)
+        vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
+        self.cfg = replace(cfg.model, vocab_size=vocab)
+        self.B, self.T, self.device = cfg.train.micro_batch_size, cfg.train.seq_len, device
+        torch.manual_seed(0)
+        self.model = Leviathan(self.cfg).to(device).train()
+        if compiled:
+            apply_compile(self.model, self.T)
+        self.opt = build_adamw(self.model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
+        gen = torch.Generator().manual_seed(0)
+        self.idx = torch.randint(0, vocab, (self.B, self.T + 1), generator=gen).to(device)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        tick = time.perf_counter()
+        _, loss = self.model(self.idx[:, :-1], self.idx[:, 1:])
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - tick)
+
+
+def measure(config: str, device: str, warmup: int, steps: int) -> dict:
+    """Eager and compiled steps alternated, so load from elsewhere hits both alike."""
+    eager, fast = Run(config, False, device), Run(config, True, device)
+    for _ in range(warmup + steps):
+        eager.step()
+        fast.step()
+    eager_ms = 1e3 * statistics.median(eager.times[warmup:])
+    compiled_ms = 1e3 * statistics.median(fast.times[warmup:])
+    return {
+        "config": config,
+        "mixer": eager.cfg.mixer.kind,
+        "batch": eager.B,
+        "seq_len": eager.T,
+        "eager_ms": round(eager_ms, 1),
+        "compiled_ms": round(compiled_ms, 1),
+        "compiled_over_eager": round(compiled_ms / eager_ms, 3),
+        "first_compiled_step_s": round(fast.times[0], 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny.yaml", "tiny-dot.yaml"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=7)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    print(
+        f"{'config':<20}{'mixer':<13}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}"
+        f"{'compile s':>11}"
+    )
+    for config in args.configs:
+        row = measure(config, args.device, args.warmup, args.steps)
+        rows.append(row)
+        print(
+            f"{config:<20}{row['mixer']:<13}{row['eager_ms']:>10.1f}{row['compiled_ms']:>13.1f}"
+            f"{row['compiled_over_eager']:>7.3f}{row['first_compiled_step_s']:>11.1f}"
+        )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "torch": torch.__version__,
+            "device": args.device,
+            "threads": args.threads,
+            "cpu": platform.processor() or platform.machine(),
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "statistic": "median step time after warm-up",
+            "first_compiled_step_s": "includes compilation, from inductor's on-disk cache "
+            "when warm (seconds); cold, 30-40 s per model on this CPU",
+        }
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
