@@ -37,8 +37,12 @@ class Plan:
     slot_idx: torch.Tensor  # (N,) flat assignment t * k + j of each kept row
     counts: list[int]  # (E,) kept rows per expert: the slice lengths
     routed: torch.Tensor  # (E,) assignments routed to each expert, before any dropping
-    dropped: int  # assignments dropped for capacity (0 when dropless)
-    dropped_idx: torch.Tensor | None = None  # (dropped,) flat assignments dropped (capacity)
+    dropped_idx: torch.Tensor | None = None  # flat assignments dropped (None: dropless)
+
+    @property
+    def dropped(self) -> int:
+        """Assignments dropped for capacity (0 when dropless)."""
+        return 0 if self.dropped_idx is None else self.dropped_idx.numel()
 
 
 def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
@@ -59,7 +63,7 @@ def plan(
     routed = torch.bincount(flat, minlength=n_experts)
     if cap is None:
         order = torch.argsort(flat, stable=True)
-        return Plan(order // top_k, order, routed.tolist(), routed, 0)
+        return Plan(order // top_k, order, routed.tolist(), routed)
     n_groups = 1 if group is None else -(-indices.shape[0] // group)
     # one key per (expert, group): a stable sort by it groups by expert, then by group,
     # in position order; an assignment's rank within its key decides its fate
@@ -75,8 +79,7 @@ def plan(
     keep = rank < cap
     kept_order = order[keep]
     counts = torch.bincount(flat[kept_order], minlength=n_experts).tolist()
-    dropped = order[~keep]
-    return Plan(kept_order // top_k, kept_order, counts, routed, dropped.numel(), dropped)
+    return Plan(kept_order // top_k, kept_order, counts, routed, order[~keep])
 
 
 def drops_per_position(p: Plan, top_k: int, seq_len: int) -> torch.Tensor:
