@@ -76,9 +76,6 @@ class DataIndex:
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.tokenizer_path)
 
-    def shard_paths(self, split: str) -> list[Path]:
-        return [self.dir / s["file"] for s in self.shards[split]]
-
 
 class ShardWriter:
     """Appends documents, each preceded by `eos_id`, to one split's shards, starting a new
