@@ -66,20 +66,22 @@ def unigram_bpc(train, val, vocab_size: int, characters: int) -> float:
     """BPC of a context-free model: val scored by add-one-smoothed train token frequencies
     (every val token after the first, as the model is scored). Counted a block at a
     time, so sharded splits (`TokenStream`) are never loaded whole."""
-    counts = np.ones(vocab_size, dtype=np.float64)
-    for block in _blocks(train):
-        counts += np.bincount(np.asarray(block, dtype=np.int64), minlength=vocab_size)
+    counts = _token_counts(train, vocab_size) + 1.0
     log_probs = np.log(counts / counts.sum())
-    val_counts = np.zeros(vocab_size, dtype=np.float64)
-    for block in _blocks(val):
-        val_counts += np.bincount(np.asarray(block, dtype=np.int64), minlength=vocab_size)
+    val_counts = _token_counts(val, vocab_size)
     if len(val):
         val_counts[int(val[0:1][0])] -= 1  # the first token is not predicted
     nll = -(log_probs * val_counts).sum()
     return float(nll / (characters * math.log(2)))
 
 
-def _blocks(tokens, size: int = 1 << 24):
+def _token_counts(tokens, vocab_size: int, size: int = 1 << 24) -> np.ndarray:
+    """How often each id occurs in `tokens` (an array or a `TokenStream`), `size` at a time."""
     if hasattr(tokens, "blocks"):
-        return tokens.blocks(size)
-    return (tokens[at : at + size] for at in range(0, len(tokens), size))
+        blocks = tokens.blocks(size)
+    else:
+        blocks = (tokens[at : at + size] for at in range(0, len(tokens), size))
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for block in blocks:
+        counts += np.bincount(np.asarray(block, dtype=np.int64), minlength=vocab_size)
+    return counts
