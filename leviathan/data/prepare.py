@@ -155,7 +155,10 @@ class Scan:
     characters: int
     fallback: int | None  # first document going to validation whole, or None
     sample: list[str] = field(repr=False)  # the tokenizer's training chunks
-    sample_chars: int = 0
+
+    @property
+    def sample_chars(self) -> int:
+        return sum(len(c) for c in self.sample)
 
 
 def scan(
@@ -199,15 +202,7 @@ def scan(
     if not train_parts:
         raise DataError("the training split is empty; lower data.val_fraction or add text")
     chunks = sample.chunks(below=fallback)
-    return Scan(
-        h.hexdigest(),
-        files,
-        len(lengths),
-        sum(lengths),
-        fallback,
-        chunks,
-        sum(len(c) for c in chunks),
-    )
+    return Scan(h.hexdigest(), files, len(lengths), sum(lengths), fallback, chunks)
 
 
 @dataclass(frozen=True)
