@@ -80,10 +80,14 @@ def iter_documents(
             found = True
             yield doc
     if not found:
-        raise DataError(
-            f"empty corpus: {', '.join(inputs)} hold no text (every document is empty or "
-            "whitespace only)"
-        )
+        raise empty_corpus(", ".join(inputs))
+
+
+def empty_corpus(source: str) -> DataError:
+    """The error for inputs (`source`, as the user named them) with no text at all."""
+    return DataError(
+        f"empty corpus: {source} hold no text (every document is empty or whitespace only)"
+    )
 
 
 def read_documents(

@@ -56,6 +56,7 @@ from leviathan.data.bundled import bundled_documents
 from leviathan.data.documents import (
     Document,
     as_inputs,
+    empty_corpus,
     file_documents,
     source_files,
     split_point,
@@ -192,9 +193,7 @@ def scan(
                 sample.add(number, chunk)
         files.append((path, len(lengths) - before))
     if not lengths:
-        raise DataError(
-            f"empty corpus: {source} hold no text (every document is empty or whitespace only)"
-        )
+        raise empty_corpus(source)
     fallback = None
     if not any_val and val_fraction > 0:
         fallback = fallback_start(lengths, val_fraction, first_name)
