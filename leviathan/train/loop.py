@@ -49,7 +49,7 @@ from leviathan.train.checkpoint import (
 from leviathan.train.compiled import apply_compile, resolve_compile
 from leviathan.train.engine import Engine, TorchEngine
 from leviathan.train.evaluate import evaluate, unigram_bpc
-from leviathan.train.metrics import MetricsLog, WandbRun
+from leviathan.train.metrics import MetricsLog, WandbRun, read_records
 from leviathan.train.plots import plot_curves, plot_expert_load
 from leviathan.train.progress import Progress
 from leviathan.train.recompute import apply_activation_checkpointing
@@ -293,6 +293,12 @@ def run_training(
     tokens_per_step = global_batch * t.seq_len
 
     metrics = MetricsLog(run_dir / METRICS_FILE, start_step, log) if main else None
+    # the expert-load plot's records: those kept on resume, read once, then each step's
+    moe_records = (
+        [r for r in read_records(run_dir / METRICS_FILE, quiet) if "moe" in r]
+        if main and model.sparse_layers()
+        else []
+    )
     wandb_run = (
         WandbRun(run_dir, cfg.run.wandb, cfg.run.wandb_project, cfg.to_dict() | parallel)
         if main
@@ -359,9 +365,11 @@ def run_training(
             if main:
                 metrics.log(record)
                 wandb_run.log(record)
+                if routing:
+                    moe_records.append(record)
                 if routing and "val_loss" in record and wandb_run.run is not None:
                     load_png = run_dir / "expert_load.png"
-                    plot_expert_load(run_dir / METRICS_FILE, load_png)
+                    plot_expert_load(moe_records, load_png)
                     wandb_run.log_image("moe/expert_load", load_png, done)
                 progress.step(record)
             if on_step:
@@ -406,7 +414,7 @@ def run_training(
         (run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
         plot_curves(run_dir / METRICS_FILE, run_dir / "curves.png")
         if model.sparse_layers():
-            plot_expert_load(run_dir / METRICS_FILE, run_dir / "expert_load.png")
+            plot_expert_load(moe_records, run_dir / "expert_load.png")
         if final is not None:
             wandb_run.log({"step": end_step, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
         wandb_run.finish()

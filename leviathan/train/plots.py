@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -36,10 +37,9 @@ def plot_curves(metrics_path: Path, out_path: Path) -> None:
     plt.close(fig)
 
 
-def plot_expert_load(metrics_path: Path, out_path: Path) -> None:
-    """Heatmap per MoE layer: each expert's share of the routed tokens (rows) over steps."""
-    records = read_records(metrics_path, log=quiet)
-    records = [r for r in records if "moe" in r]
+def plot_expert_load(records: list[dict[str, Any]], out_path: Path) -> None:
+    """Heatmap per MoE layer: each expert's share of the routed tokens (rows) over steps,
+    from the run's records that hold routing metrics (`moe`)."""
     layers = sorted(records[0]["moe"], key=lambda name: int(name.removeprefix("layer")))
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(len(layers), 1, figsize=(10, 1.2 + 1.6 * len(layers)), squeeze=False)
