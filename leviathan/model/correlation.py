@@ -142,8 +142,20 @@ def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> 
 # --- attention ----------------------------------------------------------------------
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, mask: Tensor | None = None
+) -> Tensor:
+    """SDPA, causal unless a boolean `mask` is given. The fused CPU kernel wants equal
+    q/k/v widths (else it falls back to the math path: ~3x slower, ~3x the memory at
+    T=4096), so a V narrower than q (the lag stack's r*d) is zero-padded to q's width and
+    the output sliced back to V's."""
+    d, width = v.shape[-1], q.shape[-1]
+    if width != d:
+        v = F.pad(v, (0, width - d))
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale
+    )
+    return y[..., :d]
 
 
 def cached_attention(
@@ -153,24 +165,19 @@ def cached_attention(
     values of positions 0..start+Tq-1 (a cache followed by the new positions).
 
     q and k are the kernel's inputs (filtered, circulant: whatever the kind feeds SDPA), so
-    this serves every kind. One new query (a generation step) needs no mask; a first
-    block (start 0, the prompt) is plain causal. As in `token_xcorr_attention`, V is
-    zero-padded to a wider q for a block of queries so the fused CPU kernel runs.
+    this serves every kind. One new query (a generation step) sees every key: no mask, and
+    no padding of V (that would copy the whole cache per token); a first block (start 0,
+    the prompt) is plain causal.
     """
-    n_query, n_key, width, d = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    n_query, n_key = q.shape[-2], k.shape[-2]
     if n_key != start + n_query:
         raise ValueError(f"{n_key} keys for queries at positions {start}..{n_key - 1}")
-    mask, causal = None, False
-    if n_query > 1 and start == 0:
-        causal = True
-    elif n_query > 1:  # query row i is position start + i: it sees keys j <= start + i
+    if n_query == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    mask = None  # query row i is position start + i: it sees keys j <= start + i
+    if start:
         mask = torch.ones(n_query, n_key, dtype=torch.bool, device=q.device).tril(start)
-    if n_query > 1 and width != d:
-        v = F.pad(v, (0, width - d))
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale
-    )
-    return y[..., :d]
+    return _sdpa(q, k, v, scale, dropout_p, mask)
 
 
 def dot_attention(
@@ -198,21 +205,14 @@ def token_xcorr_attention(
 
     Fast path: Q~ = [f_1 * q, ..., f_r * q] and K~ likewise (causal filters, r*d wide), so
     <Q~_i, K~_j> = sum_ab w_ab <q_{i-a}, k_{j-b}> and SDPA does the rest. The scale stays
-    1/sqrt(d), not 1/sqrt(r*d). The fused CPU kernel wants equal q/k/v widths (else it
-    falls back to the math path: ~3x slower, ~3x the memory at T=4096), so V is
-    zero-padded to r*d and the output sliced back to d.
+    1/sqrt(d), not 1/sqrt(r*d); `_sdpa` zero-pads V to r*d for the fused kernel.
     """
     if f.shape[:2] != g.shape[:2]:
         raise ValueError(f"f {tuple(f.shape)} and g {tuple(g.shape)} differ in heads or rank")
     if reference:
         return causal_softmax_attend(token_xcorr_scores(q, k, f, g), v, dropout_p)
-    d = q.shape[-1]
     q_lags, k_lags = causal_lag_stack(q, f), causal_lag_stack(k, g)
-    width = q_lags.shape[-1]
-    if width == d:
-        return _sdpa(q_lags, k_lags, v, d**-0.5, dropout_p)
-    v_padded = F.pad(v, (0, width - d))
-    return _sdpa(q_lags, k_lags, v_padded, d**-0.5, dropout_p)[..., :d]
+    return _sdpa(q_lags, k_lags, v, q.shape[-1] ** -0.5, dropout_p)
 
 
 def channel_xcorr_attention(
