@@ -159,19 +159,18 @@ def _sdpa(
 
 
 def cached_attention(
-    q: Tensor, k: Tensor, v: Tensor, start: int, scale: float, dropout_p: float = 0.0
+    q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0
 ) -> Tensor:
-    """Causal attention of the queries of positions start..start+Tq-1 over the keys and
-    values of positions 0..start+Tq-1 (a cache followed by the new positions).
+    """Causal attention of the Tq queries of the last positions over the keys and values of
+    all Tk positions (a cache followed by the new ones): query i is position Tk - Tq + i.
 
     q and k are the kernel's inputs (filtered, circulant: whatever the kind feeds SDPA), so
     this serves every kind. One new query (a generation step) sees every key: no mask, and
-    no padding of V (that would copy the whole cache per token); a first block (start 0,
+    no padding of V (that would copy the whole cache per token); a first block (Tk == Tq,
     the prompt) is plain causal.
     """
     n_query, n_key = q.shape[-2], k.shape[-2]
-    if n_key != start + n_query:
-        raise ValueError(f"{n_key} keys for queries at positions {start}..{n_key - 1}")
+    start = n_key - n_query
     if n_query == 1:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     mask = None  # query row i is position start + i: it sees keys j <= start + i

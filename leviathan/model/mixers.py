@@ -103,10 +103,9 @@ class Mixer(nn.Module):
         Always the fast kind of path (``reference`` is not consulted); the tests hold it
         to the uncached forward.
         """
-        start = cache.length
         q, k = self.lagged(q, k, cache)
         keys, values = cache.append(k, v)
-        return correlation.cached_attention(q, keys, values, start, self.head_dim**-0.5, dropout_p)
+        return correlation.cached_attention(q, keys, values, self.head_dim**-0.5, dropout_p)
 
     def lagged(self, q: Tensor, k: Tensor, cache: LayerCache) -> tuple[Tensor, Tensor]:
         """The query and key rows the attention kernel sees for these new positions."""
