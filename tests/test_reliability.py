@@ -39,6 +39,7 @@ from leviathan.run import load_run
 from leviathan.train.checkpoint import (
     LATEST,
     latest_checkpoint,
+    quiet,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -48,10 +49,6 @@ from leviathan.train.rundir import RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
-
-
-def quiet(_: str) -> None:
-    pass
 
 
 class Logged(list):
