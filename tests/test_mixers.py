@@ -236,7 +236,10 @@ def test_delta_init_is_exactly_dot(options, reference: bool) -> None:
     assert not unexpected
     dot.reference = mixer.reference = reference
     x = torch.randn(2, 37, 64)
-    assert torch.equal(mixer(x), dot(x))
+    if reference or getattr(options, "rank", 1) == 1:
+        assert torch.equal(mixer(x), dot(x))
+    else:  # rank > 1: V is narrower than q, the blocked kernel runs, not dot's fused one
+        torch.testing.assert_close(mixer(x), dot(x), rtol=1e-6, atol=1e-6)
 
 
 def test_token_init_is_lora_style() -> None:

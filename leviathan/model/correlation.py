@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leviathan.model.chunked import chunked_causal_attention
+
 __all__ = [
     "causal_lag_stack",
     "lag_kernel",
@@ -145,12 +147,19 @@ def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> 
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, mask: Tensor | None = None
 ) -> Tensor:
-    """SDPA, causal unless a boolean `mask` is given. The fused CPU kernel wants equal
-    q/k/v widths (else it falls back to the math path: ~3x slower, ~3x the memory at
-    T=4096), so a V narrower than q (the lag stack's r*d) is zero-padded to q's width and
-    the output sliced back to V's."""
+    """SDPA, causal unless a boolean `mask` is given, for a V as wide as q or narrower (the
+    lag stack's q and k are r*d wide, V is d).
+
+    A narrower V: on CUDA SDPA takes it as it is (the memory-efficient kernel accepts any
+    V width). The fused CPU kernel wants equal widths (else the math path: ~3x the time
+    and memory at T=4096), so on CPU the causal case runs `chunked_causal_attention`,
+    d wide in P @ V; what it does not cover (dropout, a mask, half precision) gets V
+    zero-padded to q's width and the output sliced back.
+    """
     d, width = v.shape[-1], q.shape[-1]
-    if width != d:
+    if width != d and v.device.type == "cpu":
+        if mask is None and dropout_p == 0.0 and v.dtype in (torch.float32, torch.float64):
+            return chunked_causal_attention(q, k, v, scale)
         v = F.pad(v, (0, width - d))
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale
@@ -204,7 +213,7 @@ def token_xcorr_attention(
 
     Fast path: Q~ = [f_1 * q, ..., f_r * q] and K~ likewise (causal filters, r*d wide), so
     <Q~_i, K~_j> = sum_ab w_ab <q_{i-a}, k_{j-b}> and SDPA does the rest. The scale stays
-    1/sqrt(d), not 1/sqrt(r*d); `_sdpa` zero-pads V to r*d for the fused kernel.
+    1/sqrt(d), not 1/sqrt(r*d); V stays d wide (`_sdpa`).
     """
     if f.shape[:2] != g.shape[:2]:
         raise ValueError(f"f {tuple(f.shape)} and g {tuple(g.shape)} differ in heads or rank")

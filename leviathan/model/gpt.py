@@ -5,7 +5,7 @@ channel pair of q and k by a position-dependent angle, so the channel axis would
 position and the channel-lag mixer would correlate rotated channel pairs of different
 frequencies. With learned positions q and k stay pure content signals, every mixer's
 score is exactly the lagged inner product DESIGN.md section 2 defines, and token_xcorr at
-its delta kernel is bit-for-bit the `dot` baseline.
+its delta kernel is the `dot` baseline (bit for bit at rank 1).
 
 Generation is cached (`generate`, `forward(idx, cache=...)`, `leviathan.model.cache`):
 the prompt runs once, then each new token is one position's work against the cached keys.
