@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
 from leviathan.distributed.world import leave_world
-from leviathan.errors import Interrupted, LeviathanError
+from leviathan.errors import ConfigError, Interrupted, LeviathanError
 
 if TYPE_CHECKING:
     from leviathan.config import Config
@@ -152,7 +152,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from leviathan.run import load_run
 
     run = load_run(args.run, args.checkpoint)
-    print(run.sample(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    keep, block = args.context_keep, run.model.cfg.block_size
+    if keep is not None and keep > block:
+        raise ConfigError(f"--context-keep: at most the model's block_size={block}, got {keep}")
+    generate = {"context_keep": keep, "compiled": args.compile}
+    print(
+        run.sample(
+            args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, **generate
+        )
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -301,6 +309,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help="sample among the K likeliest tokens (default 200)",
             )
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument(
+                "--context-keep",
+                type=bounded(int, 1, "a number of tokens >= 1"),
+                help="past block_size, cut the context to its last N tokens (default "
+                "block_size: a sliding window, which refills the cache at every token; "
+                "block_size/2 refills it once per block_size/2 tokens)",
+            )
+            p.add_argument(
+                "--compile",
+                action="store_true",
+                help="compile the cached one-token step (torch.compile; pays for long "
+                "generations: the first compile takes tens of seconds on a CPU)",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser(

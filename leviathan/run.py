@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,9 +35,11 @@ class Run:
         temperature: float = 0.8,
         top_k: int | None = 200,
         seed: int = 0,
+        **generate: Any,
     ) -> str:
+        """`sample_text` with this run's model; `generate`: `Leviathan.generate` options."""
         return sample_text(
-            self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed
+            self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed, **generate
         )
 
     def dataset(self, data_dir: str | Path | None = None) -> DataIndex:
@@ -135,13 +138,15 @@ def sample_text(
     temperature: float = 0.8,
     top_k: int | None = 200,
     seed: int = 0,
+    **generate: Any,
 ) -> str:
     """Decode a seeded continuation of `prompt`, the prompt included. Generation is cached
-    (`Leviathan.generate`: one position per token; capacity-mode MoE runs uncached)."""
+    (`Leviathan.generate`: one position per token; capacity-mode MoE runs uncached);
+    `generate` passes its other options (context_keep, compiled)."""
     device = next(model.parameters()).device
     ids = [tokenizer.encode(prompt) or [tokenizer.eos_id]]
     ids = torch.tensor(ids, dtype=torch.long, device=device)
     model.eval()
     generator = torch.Generator(device).manual_seed(seed)
-    out = model.generate(ids, max_new_tokens, temperature, top_k, generator=generator)
+    out = model.generate(ids, max_new_tokens, temperature, top_k, generator=generator, **generate)
     return tokenizer.decode(out[0].tolist())

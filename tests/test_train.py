@@ -191,6 +191,17 @@ def test_cli_prepare_train_eval_sample(corpus, tmp_path):
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("KING") and len(sampled.stdout) > len("KING")
 
+    # past block_size with a cut context, greedy: the compiled cached steps give the same text
+    greedy = ["sample", "--run", "run", "--prompt", "KING", "--max-new-tokens", "40"]
+    greedy += ["--temperature", "0", "--context-keep", "16"]
+    texts = [cli(*greedy, *extra, cwd=tmp_path) for extra in ([], ["--compile"])]
+    assert all(t.returncode == 0 for t in texts), [t.stderr for t in texts]
+    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len(sampled.stdout)
+    for bad in ("0", "33"):  # block_size is 32
+        refused = cli(*greedy[:-1], bad, cwd=tmp_path)
+        assert refused.returncode == 2 and "--context-keep" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
+
 
 def test_cli_reports_errors_without_traceback(tmp_path):
     result = cli("train", "model.n_layers=3", cwd=tmp_path)
