@@ -121,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"final val BPC {summary.val_bpc:.4f} "
             f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
         )
+    if summary.heldout_bpc is not None:
+        print(f"final heldout BPC {summary.heldout_bpc:.4f} (whole documents never trained on)")
     print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -141,11 +143,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{len(docs):,} document(s) ({result.tokens:,} tokens)"
         )
         return
-    result = run.evaluate(data_dir=args.data_dir)
-    print(
-        f"step {run.step}: val loss {result.loss:.4f} nats/token, "
-        f"val BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
-    )
+    splits = ["val"] + (["heldout"] if "heldout" in run.dataset(args.data_dir).splits else [])
+    for split in splits:
+        result = run.evaluate(data_dir=args.data_dir, split=split)
+        print(
+            f"step {run.step}: {split} loss {result.loss:.4f} nats/token, "
+            f"{split} BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:

@@ -161,6 +161,7 @@ def test_cli_prepare_train_eval_sample(corpus, tmp_path):
         f"data.inputs=[{corpus}]",
         "data.dir=prepared",
         "data.tokenizer.vocab_size=384",
+        "data.val_documents=1",  # the middle of the three plays, held out whole
         "model.n_layer=2",
         "model.d_model=32",
         "model.block_size=32",
@@ -179,11 +180,16 @@ def test_cli_prepare_train_eval_sample(corpus, tmp_path):
     trained = cli("train", "--wandb", "disabled", *overrides, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     bpc = float(trained.stdout.split("final val BPC ")[1].split()[0])
+    heldout_bpc = float(trained.stdout.split("final heldout BPC ")[1].split()[0])
     assert "unigram baseline of this tokenizer" in trained.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout_bpc"] == pytest.approx(heldout_bpc, abs=1e-4)
 
     evaluated = cli("eval", "--run", "run", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert float(evaluated.stdout.split("val BPC ")[1].split()[0]) == pytest.approx(bpc, abs=1e-4)
+    scored = float(evaluated.stdout.split("heldout BPC ")[1].split()[0])
+    assert scored == pytest.approx(heldout_bpc, abs=1e-4) and scored != pytest.approx(bpc, abs=1e-3)
 
     sampled = cli(
         "sample", "--run", "run", "--prompt", "KING", "--max-new-tokens", "12", cwd=tmp_path
