@@ -26,6 +26,7 @@ from leviathan.model.chunked import chunked_causal_attention
 
 __all__ = [
     "causal_lag_stack",
+    "causal_depthwise_conv",
     "lag_kernel",
     "circulant_keys",
     "dot_scores",
@@ -40,6 +41,19 @@ __all__ = [
 
 
 # --- building blocks ---------------------------------------------------------------
+
+
+def _lag_views(x: Tensor, width: int, history: Tensor | None) -> list[Tensor]:
+    """x (B, H, T, d) delayed by a = 0..width-1 positions: views of one left-padded copy,
+    `history` (the h <= width-1 positions before x) or zeros shifted in."""
+    T = x.shape[2]
+    past = 0 if history is None else history.shape[2]
+    if past > width - 1:
+        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
+    if past:
+        x = torch.cat([history, x], dim=2)
+    padded = F.pad(x, (0, 0, width - 1 - past, 0))
+    return [padded[:, :, width - 1 - a : width - 1 - a + T] for a in range(width)]
 
 
 def causal_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = None) -> Tensor:
@@ -58,17 +72,20 @@ def causal_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = None) 
     B, H, T, d = x.shape
     if H != n_head:
         raise ValueError(f"weights have {n_head} heads, x has {H}")
-    past = 0 if history is None else history.shape[2]
-    if past > width - 1:
-        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
-    if past:
-        x = torch.cat([history, x], dim=2)
-    padded = F.pad(x, (0, 0, width - 1 - past, 0)).unsqueeze(2)  # (B, H, 1, T+W-1, d)
-    y = sum(
-        weights[:, :, a, None, None] * padded[:, :, :, width - 1 - a : width - 1 - a + T]
-        for a in range(width)
-    )  # (B, H, r, T, d)
-    return y.transpose(2, 3).reshape(B, H, T, rank * d)
+    views = _lag_views(x, width, history)
+    y = sum(weights[:, :, a, None, None] * v.unsqueeze(2) for a, v in enumerate(views))
+    return y.transpose(2, 3).reshape(B, H, T, rank * d)  # (B, H, r, T, d) -> (B, H, T, r*d)
+
+
+def causal_depthwise_conv(x: Tensor, weights: Tensor, history: Tensor | None = None) -> Tensor:
+    """Causal convolution of each channel of x along time with its own filter (Primer's
+    depthwise convolution): x (B, H, T, d), weights (H, d, K), ``weights[h, c, a]``
+    multiplies lag a of channel c of head h; ``y[..., i, c] = sum_a w[c, a] x[..., i-a, c]``.
+    A filter equal to e_0 returns x bit for bit. history: as for `causal_lag_stack`."""
+    if weights.shape[:2] != x.shape[1::2]:
+        raise ValueError(f"weights {tuple(weights.shape)} do not fit x {tuple(x.shape)}")
+    views = _lag_views(x, weights.shape[2], history)
+    return sum(weights[None, :, None, :, a] * v for a, v in enumerate(views))
 
 
 def lag_kernel(f: Tensor, g: Tensor) -> Tensor:
