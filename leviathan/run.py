@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from leviathan.config import Config, ModelConfig, config_from_dict
+from leviathan.config import Config, config_from_dict
 from leviathan.data import DataIndex, Document, Tokenizer, load_tokens, token_dtype
 from leviathan.data.shards import run_dataset
 from leviathan.errors import CheckpointError, DataError
@@ -114,17 +114,10 @@ def checked_state(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def build_run(run_dir: Path, config: Config, state: dict[str, torch.Tensor], step: int) -> Run:
-    model = Leviathan(one_process(config.model))
+    model = Leviathan(config.model)
     model.load_state_dict(state)
     model.eval()
     return Run(run_dir, config, model, Tokenizer.load(run_dir / "tokenizer.model"), step)
-
-
-def one_process(model: ModelConfig) -> ModelConfig:
-    """The model as one process holds it: every expert local (the state has them all)."""
-    if getattr(model.ffn, "ep_size", 1) == 1:
-        return model
-    return replace(model, ffn=replace(model.ffn, ep_size=1))
 
 
 def sample_text(

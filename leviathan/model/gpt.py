@@ -32,16 +32,15 @@ if TYPE_CHECKING:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, ep_group: object | None = None):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         ffn = layer_ffn_options(cfg.ffn, layer)
-        routed = {"ep_group": ep_group} if ffn.kind == "moe" else {}
         self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mixer = MIXERS[cfg.mixer.kind](
             cfg.d_model, cfg.n_head, cfg.mixer, dropout=cfg.dropout, bias=cfg.bias
         )
         self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias, **routed)
+        self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x), cache)
@@ -49,10 +48,10 @@ class Block(nn.Module):
 
 
 class Leviathan(nn.Module):
-    """The decoder. `ep_group` is the process group a routed FFN with ffn.ep_size > 1
-    splits its experts over (default: the whole world); nothing else here knows of ranks."""
+    """The decoder, whole: it knows no ranks (`leviathan.distributed.parallelize` splits
+    its experts over them after construction)."""
 
-    def __init__(self, cfg: ModelConfig, ep_group: object | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build")
@@ -60,7 +59,7 @@ class Leviathan(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_group) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings

@@ -26,6 +26,7 @@ import torch
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import TOKENIZER_FILE, record_dataset
+from leviathan.distributed.parallelize import parallelize
 from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import (
     CheckpointError,
@@ -246,7 +247,7 @@ def run_training(
     main = world.rank == 0
     say = log if main else quiet
     torch.manual_seed(t.seed)
-    model = Leviathan(model_cfg, ep_group=world.ep_group)
+    model = parallelize(Leviathan(model_cfg), world)
     run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
     run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
     compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
