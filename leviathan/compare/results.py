@@ -98,27 +98,6 @@ class Comparison:
         }
 
 
-def describe_mixer(options: Any) -> str:
-    if options.kind == "token_xcorr":
-        return f"token_xcorr W={options.window_q}x{options.window_k} r={options.rank}"
-    if options.kind == "channel_xcorr":
-        return f"channel_xcorr L={options.lags}"
-    return options.kind
-
-
-def describe_ffn(options: Any) -> str:
-    if options.kind == "dense":
-        return f"dense {options.activation} {options.hidden_mult:g}x"
-    if options.kind == "moe":
-        text = f"moe {options.n_experts}e top-{options.top_k} {options.expert_hidden_mult:g}x"
-        if options.n_shared:
-            text += f" +{options.n_shared} shared"
-        if options.moe_every > 1:
-            text += f" every {options.moe_every}"
-        return text
-    return options.kind
-
-
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():

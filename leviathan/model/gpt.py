@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leviathan.model.cache import KVCache, LayerCache
-from leviathan.model.ffn import FFNS, layer_ffn_options
+from leviathan.model.ffn import FFN, FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
@@ -67,8 +67,8 @@ class Leviathan(nn.Module):
         # GPT-2: the projections that write into the residual stream (attention and FFN
         # outputs, experts' output weights included) start 1/sqrt(2 L) smaller
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith(("proj.weight", "w_out")):
+            for b in self.blocks:
+                for p in b.mixer.residual_projections() + b.ffn.residual_projections():
                     p.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
     def forward(
@@ -99,9 +99,9 @@ class Leviathan(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def sparse_layers(self) -> list[nn.Module]:
+    def sparse_layers(self) -> list[FFN]:
         """The FFNs that route tokens (they carry auxiliary losses, metrics and state)."""
-        return [b.ffn for b in self.blocks if routes_tokens(b.ffn)]
+        return [b.ffn for b in self.blocks if b.ffn.sparse]
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the routers' balance losses from the last forward; the loop adds it."""
@@ -111,15 +111,11 @@ class Leviathan(nn.Module):
     def after_optimizer_step(self) -> None:
         """State that moves outside the gradient: the loss-free routers' biases."""
         for ffn in self.sparse_layers():
-            ffn.update_bias()
+            ffn.after_optimizer_step()
 
     def pop_layer_metrics(self) -> dict[str, dict]:
         """Routing statistics per sparse block (keyed `layer{i}`) since the last call."""
-        return {
-            f"layer{i}": b.ffn.pop_metrics()
-            for i, b in enumerate(self.blocks)
-            if routes_tokens(b.ffn)
-        }
+        return {f"layer{i}": b.ffn.pop_metrics() for i, b in enumerate(self.blocks) if b.ffn.sparse}
 
     def set_reference(self, reference: bool) -> None:
         """Switch every mixer to its materialised-score path (for tests) or back."""
@@ -228,11 +224,6 @@ def next_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
-
-
-def routes_tokens(ffn: nn.Module) -> bool:
-    """A sparse FFN: it keeps routing metrics (and may carry aux losses and biases)."""
-    return hasattr(ffn, "pop_metrics")
 
 
 def init_weights(module: nn.Module) -> None:
