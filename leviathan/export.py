@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from leviathan.errors import CheckpointError, StorageError
-from leviathan.train.checkpoint import atomic_write_bytes, offer_previous, verify_checkpoint
+from leviathan.storage import atomic_write_bytes
+from leviathan.train.checkpoint import offer_previous, verify_checkpoint
 from leviathan.train.engines import written_by
 
 EXPORT = "model.safetensors"

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from leviathan.compare.plan import Budget, RunSpec, read_json
 from leviathan.sizing import ModelSize
+from leviathan.storage import read_records as metrics_records
 from leviathan.train.checkpoint import quiet
-from leviathan.train.metrics import read_records as metrics_records
 
 
 @dataclass

@@ -36,6 +36,7 @@ from leviathan.errors import (
     TrainingError,
 )
 from leviathan.model import Leviathan
+from leviathan.storage import read_records
 from leviathan.train import mfu
 from leviathan.train.checkpoint import (
     checkpoint_at,
@@ -50,7 +51,7 @@ from leviathan.train.compiled import apply_compile, resolve_compile
 from leviathan.train.engine import Engine
 from leviathan.train.engines import ENGINES
 from leviathan.train.evaluate import evaluate, unigram_bpc
-from leviathan.train.metrics import MetricsLog, WandbRun, read_records
+from leviathan.train.metrics import MetricsLog, WandbRun
 from leviathan.train.plots import plot_curves, plot_expert_load
 from leviathan.train.progress import Progress
 from leviathan.train.recompute import apply_activation_checkpointing
