@@ -253,9 +253,10 @@ def plain_engine() -> type:
 def expert_parallel_engine() -> type:
     """DeepSpeed's engine, told that the model has expert-parallel layers.
 
-    DeepSpeed recognises only its own MoE class; ours tags its split expert parameters
-    the DeepSpeed way (`allreduce=False`, `group_name`), and this flag makes the engine
-    and ZeRO-1/2 reduce and partition them within their expert-data-parallel groups.
+    DeepSpeed recognises only its own MoE class; `leviathan.distributed.parallelize` tags
+    our split expert parameters the DeepSpeed way (`allreduce=False`, `group_name`), and
+    this flag makes the engine and ZeRO-1/2 reduce and partition them within their
+    expert-data-parallel groups.
     """
     from deepspeed.runtime.engine import DeepSpeedEngine as Base
 
