@@ -1,6 +1,8 @@
 """`leviathan inspect`: what a correlation-attention run learned.
 
-* Lag weights (DESIGN.md section 2). `token_xcorr`: per layer and head, the Wq x Wk kernel
+* Lag weights (DESIGN.md section 2), as each mixer gives them (`Mixer.lag_weights`): a
+  kernel over query and key lags per head, or a weight per lag. `token_xcorr`: per layer
+  and head, the Wq x Wk kernel
   w = sum_r f_r g_r^T, whose entry w_ab weighs <q_{i-a}, k_{j-b}> in the score S_ij: the
   delta at (0, 0) is `dot`, mass on the diagonal a = b is the sliding-window
   cross-correlation of the two signals, mass off it pairs a query lag with another key
@@ -9,7 +11,8 @@
 * The attention-distance profile: per layer, the mean attention weight P_ij as a function
   of the distance i - j, over the queries that can reach that far (i >= distance) and the
   heads, on the first windows of the run's own validation split. The scores are
-  materialised exactly as the reference path does, then causally softmaxed. With
+  materialised by the mixer (`Mixer.scores`) as its reference path does, then causally
+  softmaxed. With
   `against`, another run's profile (a `dot` run, say; on its own validation split) is
   drawn beside it, layer by layer.
 """
@@ -23,11 +26,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from leviathan.data import eval_windows, load_tokens
 from leviathan.errors import LeviathanError
-from leviathan.model import correlation
+from leviathan.model.mixers import Mixer
 from leviathan.run import Run, load_run
 
 matplotlib.use("Agg")
@@ -38,13 +41,6 @@ CHANNEL_PNG = "channel_lags.png"
 DISTANCE_PNG = "attention_distance.png"
 DISTANCE_JSON = "attention_distance.json"
 WINDOWS = 8  # validation windows the attention profile averages over
-
-# The materialised, unmasked scores (B, H, T, T) of each mixer kind from its q and k.
-SCORES = {
-    "dot": lambda mixer, q, k: correlation.dot_scores(q, k),
-    "token_xcorr": lambda mixer, q, k: correlation.token_xcorr_scores(q, k, mixer.f, mixer.g),
-    "channel_xcorr": lambda mixer, q, k: correlation.channel_xcorr_scores(q, k, mixer.alpha),
-}
 
 
 class InspectError(LeviathanError):
@@ -58,33 +54,21 @@ class Inspection:
     profiles: Path  # the profiles as JSON
 
 
-def token_kernels(run: Run) -> np.ndarray:
-    """(layers, heads, Wq, Wk): w = sum_r f_r g_r^T of every token_xcorr block."""
-    return np.stack(
-        [
-            correlation.lag_kernel(b.mixer.f, b.mixer.g).detach().float().numpy()
-            for b in run.model.blocks
-        ]
-    )
-
-
-def channel_weights(run: Run) -> np.ndarray:
-    """(layers, heads, 2L+1): alpha_tau, tau = -L..L, of every channel_xcorr block."""
-    return np.stack([b.mixer.alpha.detach().float().numpy() for b in run.model.blocks])
+def lag_weights(run: Run) -> np.ndarray:
+    """(layers, heads, ...): every block's `Mixer.lag_weights` (for token_xcorr the kernel
+    w = sum_r f_r g_r^T, (Wq, Wk) per head; for channel_xcorr alpha_tau, 2L+1 per head)."""
+    return np.stack([b.mixer.lag_weights().detach().float().numpy() for b in run.model.blocks])
 
 
 @torch.no_grad()
-def attention_weights(mixer: nn.Module, x: Tensor) -> Tensor:
+def attention_weights(mixer: Mixer, x: Tensor) -> Tensor:
     """The causal attention matrix P (B, H, T, T) that `mixer` applies to its input x."""
-    kind = mixer.options.kind
-    if kind not in SCORES:
-        raise InspectError(f"inspect does not know how to materialise {kind!r} scores")
     B, T, C = x.shape
     q, k, _ = (
         t.view(B, T, mixer.n_head, mixer.head_dim).transpose(1, 2)
         for t in mixer.qkv(x).split(C, dim=2)
     )
-    scores = SCORES[kind](mixer, q, k)
+    scores = mixer.scores(q, k)
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
 
@@ -139,7 +123,7 @@ def inspect_run(
     (into `out`, default the run folder). InspectError for a run without lag weights."""
     run = load_run(run_dir)
     kind = run.config.model.mixer.kind
-    if not run.model.blocks[0].mixer.lag_parameters():
+    if run.model.blocks[0].mixer.lag_weights() is None:
         raise InspectError(
             f"{run_dir} uses the {kind!r} mixer, which has no lag weights to inspect; "
             "inspect a token_xcorr or channel_xcorr run (and pass this one as --against)"
@@ -147,12 +131,15 @@ def inspect_run(
     out = Path(out) if out is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(run_dir).name} (step {run.step})"
-    if kind == "token_xcorr":
-        kernels = plot_token_kernels(token_kernels(run), title, out / KERNELS_PNG)
-    elif kind == "channel_xcorr":
-        kernels = plot_channel_weights(channel_weights(run), title, out / CHANNEL_PNG)
+    weights = lag_weights(run)
+    if weights.ndim == 4:  # a kernel over query and key lags per head
+        kernels = plot_token_kernels(weights, title, out / KERNELS_PNG)
+    elif weights.ndim == 3:  # a weight per lag per head
+        kernels = plot_channel_weights(weights, title, out / CHANNEL_PNG)
     else:
-        raise InspectError(f"inspect does not know how to draw the lags of {kind!r}")
+        raise InspectError(
+            f"inspect draws (heads, lags) or (heads, lags, lags) weights, not {kind!r}'s"
+        )
 
     profiles = {f"{Path(run_dir).name} ({kind})": distance_profile(run, windows)}
     if against is not None:

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from leviathan.config import Config, ModelConfig, config_from_dict
+from leviathan.config import Config, config_from_dict
 from leviathan.data import DataIndex, Document, Tokenizer, load_tokens, token_dtype
 from leviathan.data.shards import run_dataset
 from leviathan.errors import CheckpointError, DataError
-from leviathan.export import EXPORT, model_state, read_export
+from leviathan.export import EXPORT, checked_state, read_export
 from leviathan.model import Leviathan
-from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint, offer_previous
+from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint
 from leviathan.train.evaluate import EvalResult, evaluate
+from leviathan.train.sample import sample_text
 
 
 @dataclass
@@ -111,46 +112,8 @@ def run_checkpoint(run_dir: Path, checkpoint: str | Path | None) -> Path:
     return directory
 
 
-def checked_state(directory: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint; a damaged one names the newest older one that
-    verifies (`--checkpoint DIR`)."""
-    try:
-        return model_state(directory)
-    except CheckpointError as err:
-        raise offer_previous(err, directory, lambda p: f"use it with --checkpoint {p}") from None
-
-
 def build_run(run_dir: Path, config: Config, state: dict[str, torch.Tensor], step: int) -> Run:
-    model = Leviathan(one_process(config.model))
+    model = Leviathan(config.model)
     model.load_state_dict(state)
     model.eval()
     return Run(run_dir, config, model, Tokenizer.load(run_dir / "tokenizer.model"), step)
-
-
-def one_process(model: ModelConfig) -> ModelConfig:
-    """The model as one process holds it: every expert local (the state has them all)."""
-    if getattr(model.ffn, "ep_size", 1) == 1:
-        return model
-    return replace(model, ffn=replace(model.ffn, ep_size=1))
-
-
-def sample_text(
-    model: Leviathan,
-    tokenizer: Tokenizer,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float = 0.8,
-    top_k: int | None = 200,
-    seed: int = 0,
-    **generate: Any,
-) -> str:
-    """Decode a seeded continuation of `prompt`, the prompt included. Generation is cached
-    (`Leviathan.generate`: one position per token; capacity-mode MoE runs uncached);
-    `generate` passes its other options (context_keep, compiled)."""
-    device = next(model.parameters()).device
-    ids = [tokenizer.encode(prompt) or [tokenizer.eos_id]]
-    ids = torch.tensor(ids, dtype=torch.long, device=device)
-    model.eval()
-    generator = torch.Generator(device).manual_seed(seed)
-    out = model.generate(ids, max_new_tokens, temperature, top_k, generator=generator, **generate)
-    return tokenizer.decode(out[0].tolist())

@@ -276,19 +276,13 @@ def _in_width(hidden: int, activation: str) -> int:
 
 
 class Experts(nn.Module):
-    """The local slice of n_experts MLPs d -> hidden -> d, as batched parameters.
+    """n_experts MLPs d -> hidden -> d as batched parameters, or this rank's slice of them.
 
     w_in: (E_local, d, hidden) for gelu, (E_local, d, 2*hidden) for swiglu ([gate | up]);
     w_out: (E_local, hidden, d); optional b_in / b_out. All E experts' weights are drawn
-    from the torch RNG (each N(0, 0.02), independently) and this rank keeps experts
+    from the torch RNG (each N(0, 0.02), independently); `shard` then keeps experts
     ep_rank*E_local .. (ep_rank+1)*E_local-1, so expert e starts identical for every
     ep_size. Rescaling w_out like a residual projection is the caller's business.
-
-    Every parameter is tagged `expert=True`. With ep_size > 1 the ranks hold different
-    experts, so they are also tagged `allreduce=False, group_name="ep_size_<n>"`
-    (DeepSpeed's convention): the trainer reduces their gradients over the
-    expert-data-parallel group instead of the whole world. With ep_size == 1 every rank
-    holds all experts and they are reduced like any replicated parameter.
     """
 
     def __init__(
@@ -299,29 +293,35 @@ class Experts(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         *,
-        ep_size: int = 1,
-        ep_rank: int = 0,
         matmul: str = "auto",
     ) -> None:
         super().__init__()
-        if n_experts % ep_size or not 0 <= ep_rank < ep_size:
-            raise ValueError(f"cannot split {n_experts} experts as rank {ep_rank} of {ep_size}")
         self.n_experts, self.d_model, self.hidden = n_experts, d_model, hidden
         self.activation, self.matmul = activation, matmul
-        self.n_local = n_experts // ep_size
-        self.first = ep_rank * self.n_local  # global id of the first local expert
-        mine = slice(self.first, self.first + self.n_local)
+        self.n_local, self.first = n_experts, 0  # first: global id of the first local expert
         width = _in_width(hidden, activation)
-        self.w_in = nn.Parameter(torch.randn(n_experts, d_model, width)[mine] * 0.02)
-        self.w_out = nn.Parameter(torch.randn(n_experts, hidden, d_model)[mine] * 0.02)
-        self.b_in = nn.Parameter(torch.zeros(self.n_local, width)) if bias else None
-        self.b_out = nn.Parameter(torch.zeros(self.n_local, d_model)) if bias else None
+        self.w_in = nn.Parameter(torch.randn(n_experts, d_model, width) * 0.02)
+        self.w_out = nn.Parameter(torch.randn(n_experts, hidden, d_model) * 0.02)
+        self.b_in = nn.Parameter(torch.zeros(n_experts, width)) if bias else None
+        self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         self.grad_buffers = GradBuffers()
-        for p in self.parameters():
-            p.expert = True  # type: ignore[attr-defined]
-            if ep_size > 1:
-                p.allreduce = False  # type: ignore[attr-defined]
-                p.group_name = f"ep_size_{ep_size}"  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def shard(self, ep_size: int, ep_rank: int) -> None:
+        """Keep only expert-parallel rank `ep_rank`'s n_experts / ep_size experts (their
+        values unchanged); the other ranks hold the rest."""
+        if self.n_local != self.n_experts:
+            raise ValueError("the experts are already sharded")
+        if self.n_experts % ep_size or not 0 <= ep_rank < ep_size:
+            raise ValueError(
+                f"cannot split {self.n_experts} experts as rank {ep_rank} of {ep_size}"
+            )
+        self.n_local = self.n_experts // ep_size
+        self.first = ep_rank * self.n_local
+        mine = slice(self.first, self.first + self.n_local)
+        for name, p in list(self.named_parameters(recurse=False)):
+            setattr(self, name, nn.Parameter(p[mine].clone(), requires_grad=p.requires_grad))
+        self.grad_buffers = GradBuffers()
 
     def forward(
         self,

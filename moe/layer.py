@@ -47,9 +47,10 @@ class MoE(nn.Module):
     Expert width is round(expert_hidden_mult * d_model); `n_shared` shared experts of that
     width see every token and are added un-gated.
 
-    With options.ep_size > 1 the experts are split over `ep_group` (default: the whole
-    world, which must then have ep_size ranks), and every rank must build the layer from
-    the same torch seed. With ep_size == 1 the forward never touches torch.distributed.
+    The layer is built whole, all experts local. With options.ep_size > 1, `shard_experts`
+    then splits them over a process group (every rank must have built the layer from the
+    same torch seed). Until then, or with ep_size == 1, the forward never touches
+    torch.distributed.
     """
 
     def __init__(
@@ -59,36 +60,16 @@ class MoE(nn.Module):
         *,
         dropout: float = 0.0,
         bias: bool = False,
-        ep_group: object | None = None,
     ) -> None:
         super().__init__()
         check_options(options)
         o = self.options = options
         self.d_model, self.hidden = d_model, max(1, round(o.expert_hidden_mult * d_model))
-        self.ep_group, ep_rank = ep_group, 0
-        if o.ep_size > 1:
-            import torch.distributed as dist
-
-            if not (dist.is_available() and dist.is_initialized()):
-                raise ValueError(f"ep_size: {o.ep_size} needs torch.distributed initialised")
-            self.ep_group = dist.group.WORLD if ep_group is None else ep_group
-            if dist.get_world_size(self.ep_group) != o.ep_size:
-                size = dist.get_world_size(self.ep_group)
-                raise ValueError(f"ep_size: {o.ep_size} but the expert group has {size} ranks")
-            ep_rank = dist.get_rank(self.ep_group)
+        self.ep_group: object | None = None  # set by shard_experts
         # Same RNG draw order for every ep_size: router, all experts, shared experts.
         self.router = Router(d_model, o.n_experts, o.score, o.top_k, o.renormalize, o.jitter)
         h, act = self.hidden, o.activation
-        self.experts = Experts(
-            o.n_experts,
-            d_model,
-            h,
-            act,
-            bias,
-            ep_size=o.ep_size,
-            ep_rank=ep_rank,
-            matmul=o.expert_matmul,
-        )
+        self.experts = Experts(o.n_experts, d_model, h, act, bias, matmul=o.expert_matmul)
         self.shared = MLP(d_model, o.n_shared * h, act, bias) if o.n_shared else None
         self.dropout = nn.Dropout(dropout)
         self.aux_loss = torch.zeros(())
@@ -104,7 +85,7 @@ class MoE(nn.Module):
         r = self.router(x)
         cap, group = self._capacity(n_tokens, seq_len)
         p = dispatch.plan(r.indices, o.n_experts, cap, group)
-        if o.ep_size > 1:
+        if self.ep_group is not None:
             ys = exchange_and_run(dispatch.gather(x, p), p.counts, self.experts, self.ep_group)
             out = dispatch.combine(ys, r.gates, p, n_tokens)
         else:  # gather, run and scatter-add expert by expert, in one pass
@@ -114,6 +95,20 @@ class MoE(nn.Module):
             out = out + self.shared(x)
         self.aux_loss = self._balance_losses(r, p, seq_len)
         return self.dropout(out).reshape(shape)
+
+    def shard_experts(self, group: object) -> None:
+        """Keep this rank's share of the experts of `group` (options.ep_size ranks, which
+        hold the rest); the forward then sends each token to the rank of its expert."""
+        import torch.distributed as dist
+
+        ep_size = self.options.ep_size
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"ep_size: {ep_size} needs torch.distributed initialised")
+        if dist.get_world_size(group) != ep_size:
+            size = dist.get_world_size(group)
+            raise ValueError(f"ep_size: {ep_size} but the expert group has {size} ranks")
+        self.experts.shard(ep_size, dist.get_rank(group))
+        self.ep_group = group
 
     def _capacity(self, n_tokens: int, seq_len: int) -> tuple[int | None, int | None]:
         """(slots per expert, tokens that compete for them); (None, None) when dropless.

@@ -10,7 +10,8 @@ import torch
 from test_train import read_metrics, small_config  # tests/ is on the path under pytest
 from torch._dynamo.utils import counters
 
-from leviathan.config import config_from_dict, save_config
+from leviathan.config import Config, config_from_dict, save_config
+from leviathan.distributed.world import World
 from leviathan.errors import ConfigError
 from leviathan.model import Leviathan
 from leviathan.train.compiled import apply_compile, has_cxx_compiler, resolve_compile
@@ -48,7 +49,7 @@ def frames_compiled() -> int:
 
 def run_steps(model: Leviathan) -> tuple[list[float], list[int]]:
     """Losses of STEPS steps and, after each, how many frames dynamo had compiled."""
-    engine = TorchEngine(model, 0.1, (0.9, 0.95), 1.0, torch.device("cpu"))
+    engine = TorchEngine(model, Config(), World("torch", 0, 1, torch.device("cpu")))  # AdamW 0.1
     data = torch.Generator().manual_seed(1)
     losses, frames = [], []
     for _ in range(STEPS):

@@ -3,7 +3,8 @@
 import pytest
 
 from leviathan.config import apply_override, config_from_dict, load_config
-from leviathan.errors import ConfigError
+from leviathan.data.prepare import fallback_start
+from leviathan.errors import ConfigError, DataError
 from leviathan.model.mixers import TokenXcorrOptions
 
 
@@ -107,3 +108,12 @@ def test_bad_override_and_missing_file(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_the_val_fraction_prepare_advises_is_accepted():
+    """`prepare` tells a user with one unsplittable document to set data.val_fraction=0:
+    the config must take that advice (issue 11; the check once refused 0)."""
+    with pytest.raises(DataError, match=r"set (data\.val_fraction=0)$") as err:
+        fallback_start([1000], 0.05, "one.txt")
+    advice = err.value.args[0].rsplit(" ", 1)[1]
+    assert load_config("configs/tiny.yaml", [advice]).data.val_fraction == 0

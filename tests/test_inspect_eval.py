@@ -10,7 +10,7 @@ import torch
 from leviathan.cli import main
 from leviathan.config import config_from_dict
 from leviathan.data import load_tokens, read_documents, split_documents
-from leviathan.introspect import attention_weights, distance_profile, token_kernels
+from leviathan.introspect import attention_weights, distance_profile, lag_weights
 from leviathan.run import encode_documents, load_run
 from leviathan.train.loop import train
 
@@ -76,7 +76,7 @@ def test_inspect_token_run_against_dot(runs, tmp_path, capsys):
 
 def test_kernels_are_the_trained_factors(runs):
     run = load_run(runs["token"])
-    kernels = token_kernels(run)
+    kernels = lag_weights(run)
     assert kernels.shape == (2, 2, 3, 2)  # layers, heads, Wq, Wk
     mixer = run.model.blocks[1].mixer
     expected = torch.einsum("hra,hrb->hab", mixer.f, mixer.g).detach().numpy()

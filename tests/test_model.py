@@ -125,3 +125,23 @@ def test_gpt2_init_scales_residual_projections():
     qkv = model.blocks[0].mixer.qkv.weight.std().item()
     assert qkv == pytest.approx(0.02, rel=0.05)
     assert proj == pytest.approx(0.02 / 4, rel=0.1)
+
+
+@pytest.mark.parametrize("mixer", sorted(MIXER_OPTIONS))
+def test_residual_projections_are_the_output_weights(mixer):
+    """The contract (Mixer / FFN.residual_projections) names what GPT-2's init shrinks:
+    exactly the output weights the name rule `proj.weight` / `w_out` once picked, so a
+    seeded model starts where it always did."""
+    moe = {"kind": "moe", "n_experts": 4, "n_shared": 1, "moe_every": 2}
+    for ffn in ({"kind": "dense", "activation": "swiglu"}, moe):
+        raw = {"model": {"vocab_size": 61, "n_layer": 2, "n_head": 2, "d_model": 16}}
+        raw["model"] |= {"mixer": MIXER_OPTIONS[mixer], "ffn": ffn}
+        model = Leviathan(config_from_dict(raw).model)
+        named = {id(p): n for n, p in model.named_parameters()}
+        chosen = {
+            named[id(p)]
+            for b in model.blocks
+            for p in b.mixer.residual_projections() + b.ffn.residual_projections()
+        }
+        assert chosen == {n for n in named.values() if n.endswith(("proj.weight", "w_out"))}
+        assert any("experts.w_out" in n for n in chosen) == (ffn is moe)

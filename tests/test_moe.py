@@ -345,20 +345,30 @@ def test_single_rank_never_touches_torch_distributed(monkeypatch):
     assert layer(torch.randn(0, 8)).shape == (0, 8)  # an empty batch is fine too
 
 
-def test_ep_size_without_distributed_is_refused():
+def test_sharding_experts_without_distributed_is_refused():
+    layer = MoE(8, MoEOptions(n_experts=4, ep_size=2))  # built whole: runs in one process
+    assert layer(torch.randn(3, 8)).shape == (3, 8)
     with pytest.raises(ValueError, match="^ep_size:"):
-        MoE(8, MoEOptions(n_experts=4, ep_size=2))
+        layer.shard_experts(None)
 
 
-def test_expert_parameters_are_tagged():
+def test_shard_keeps_the_slice_of_the_whole_init():
+    torch.manual_seed(0)
+    whole = Experts(4, 8, 16, bias=True)
+    torch.manual_seed(0)
+    split = Experts(4, 8, 16, bias=True)
+    split.shard(2, 1)
+    assert (split.n_local, split.first) == (2, 2)
+    for name, p in split.named_parameters():
+        assert torch.equal(p, getattr(whole, name)[2:]), name
+    with pytest.raises(ValueError, match="already sharded"):
+        split.shard(2, 0)
+    with pytest.raises(ValueError, match="cannot split 4 experts as rank 0 of 3"):
+        Experts(4, 8, 16).shard(3, 0)
+
+
+def test_expert_parameters():
     layer = MoE(8, MoEOptions(n_experts=4, n_shared=1), bias=True)
-    tagged = {n for n, p in layer.named_parameters() if getattr(p, "expert", False)}
-    assert tagged == {"experts.w_in", "experts.w_out", "experts.b_in", "experts.b_out"}
-    for p in layer.experts.parameters():  # replicated with ep_size 1: reduced like the rest
-        assert not hasattr(p, "allreduce") and not hasattr(p, "group_name")
-    split = Experts(4, 8, 16, ep_size=2, ep_rank=1)
-    for p in split.parameters():  # split over ranks: reduced over the expert-data group
-        assert p.allreduce is False and p.group_name == "ep_size_2"
     assert layer.router.weight.dtype == torch.float32
     assert layer.to(torch.bfloat16).router.bias.dtype == torch.float32  # holds small updates
     # Each expert is drawn independently.

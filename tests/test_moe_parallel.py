@@ -16,6 +16,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from leviathan.config import ModelConfig
+from leviathan.distributed.parallelize import parallelize
+from leviathan.distributed.world import World
+from leviathan.model import Leviathan
 from moe import MoE, MoEOptions
 
 D_MODEL, TOKENS, SEED = 8, 24, 7
@@ -56,13 +60,30 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         for name, kw in CASES.items():
             torch.manual_seed(SEED)
             layer = MoE(D_MODEL, MoEOptions(ep_size=world, **kw)).double().train()
+            layer.shard_experts(dist.group.WORLD)
             res = run(layer, x[mine], w[mine])
             dist.all_reduce(res["grad/router.weight"])  # replicated router: sum over ranks
             res["first_expert"] = torch.tensor(layer.experts.first)
             torch.save(res, Path(out_dir) / f"{name}_rank{rank}.pt")
+        torch.manual_seed(SEED)
+        model = parallelize(
+            Leviathan(model_config(ep_size=world)),
+            World("deepspeed", rank, world, torch.device("cpu"), dist.group.WORLD),
+        )
+        for name, p in model.named_parameters():  # DeepSpeed's tags on the sharded experts only
+            tagged = getattr(p, "allreduce", True) is False and p.group_name == "ep_size_2"
+            assert tagged == (".experts." in name), name
+        torch.save(model.state_dict(), Path(out_dir) / f"model_rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while its peer still talks to it
     finally:
         dist.destroy_process_group()
+
+
+def model_config(ep_size: int) -> ModelConfig:
+    ffn = MoEOptions(n_experts=4, top_k=2, n_shared=1, ep_size=ep_size)
+    return ModelConfig(
+        vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=D_MODEL, bias=True, ffn=ffn
+    )
 
 
 def _free_port() -> int:
@@ -97,3 +118,15 @@ def test_expert_parallel_matches_single_process(tmp_path):
                     torch.testing.assert_close(total, ref[key], msg=f"{name} {key}")
         if kw.get("balance") == "loss_free":
             assert ref["bias"].abs().max() > 0  # the update did happen
+
+    # parallelize: each rank keeps its slice of the whole model's initial experts, tagged
+    # for DeepSpeed; everything else is the whole model's, unchanged
+    torch.manual_seed(SEED)
+    whole = Leviathan(model_config(ep_size=world)).state_dict()
+    ranks = [torch.load(tmp_path / f"model_rank{r}.pt") for r in range(world)]
+    assert all(r.keys() == whole.keys() for r in ranks)
+    for key, value in whole.items():
+        if ".experts." in key:
+            torch.testing.assert_close(torch.cat([r[key] for r in ranks]), value, rtol=0, atol=0)
+        else:
+            assert all(torch.equal(r[key], value) for r in ranks), key

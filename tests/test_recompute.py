@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_train import small_config  # tests/ is on the path under pytest
 
-from leviathan.config import load_config, save_config
+from leviathan.config import Config, load_config, save_config
+from leviathan.distributed.world import World
 from leviathan.model import Leviathan
 from leviathan.train.engine import TorchEngine
 from leviathan.train.loop import train
@@ -42,7 +43,7 @@ def run_steps(ffn: dict, checkpointed: bool) -> dict:
     model = tiny_model(ffn, checkpointed)
     calls = []
     model.blocks[0].ffn.register_forward_pre_hook(lambda *_: calls.append(1))
-    engine = TorchEngine(model, 0.1, (0.9, 0.95), 1.0, torch.device("cpu"))
+    engine = TorchEngine(model, Config(), World("torch", 0, 1, torch.device("cpu")))  # AdamW 0.1
     data = torch.Generator().manual_seed(1)
     out = {"loss": [], "aux": [], "norm": [], "metrics": []}
     torch.manual_seed(2)

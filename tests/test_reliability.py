@@ -36,6 +36,7 @@ from leviathan.errors import (
     TrainingError,
 )
 from leviathan.run import load_run
+from leviathan.storage import read_records
 from leviathan.train.checkpoint import (
     LATEST,
     latest_checkpoint,
@@ -44,7 +45,6 @@ from leviathan.train.checkpoint import (
     verify_checkpoint,
 )
 from leviathan.train.loop import config_warnings, train
-from leviathan.train.metrics import read_records
 from leviathan.train.rundir import RunLock
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from typing import Any, Literal
 
 from leviathan.compare.plan import Budget, RunSpec, read_json
 from leviathan.sizing import ModelSize
+from leviathan.storage import read_records as metrics_records
 from leviathan.train.checkpoint import quiet
-from leviathan.train.metrics import read_records as metrics_records
 
 
 @dataclass
@@ -96,27 +96,6 @@ class Comparison:
             "data": self.data,
             "configs": [c.to_dict() for c in self.configs],
         }
-
-
-def describe_mixer(options: Any) -> str:
-    if options.kind == "token_xcorr":
-        return f"token_xcorr W={options.window_q}x{options.window_k} r={options.rank}"
-    if options.kind == "channel_xcorr":
-        return f"channel_xcorr L={options.lags}"
-    return options.kind
-
-
-def describe_ffn(options: Any) -> str:
-    if options.kind == "dense":
-        return f"dense {options.activation} {options.hidden_mult:g}x"
-    if options.kind == "moe":
-        text = f"moe {options.n_experts}e top-{options.top_k} {options.expert_hidden_mult:g}x"
-        if options.n_shared:
-            text += f" +{options.n_shared} shared"
-        if options.moe_every > 1:
-            text += f" every {options.moe_every}"
-        return text
-    return options.kind
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -18,12 +18,11 @@ from leviathan.compare.results import (
     RunResult,
     collect,
     cumulative_times,
-    describe_ffn,
-    describe_mixer,
     read_records,
 )
 from leviathan.data import prepare
 from leviathan.errors import Interrupted
+from leviathan.model import FFNS, MIXERS
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
 from leviathan.train.rundir import METRICS_FILE
@@ -111,8 +110,8 @@ def compare(
             ConfigResult(
                 group[0].label,
                 group[0].config_path,
-                describe_mixer(cfg.model.mixer),
-                describe_ffn(cfg.model.ffn),
+                MIXERS[cfg.model.mixer.kind].describe(cfg.model.mixer),
+                FFNS[cfg.model.ffn.kind].describe(cfg.model.ffn),
                 size,
                 runs,
             )

@@ -76,6 +76,7 @@ from leviathan.data.shards import (
 )
 from leviathan.data.tokenizer import TRAINER_VERSION, Tokenizer, training_chunks, word_pieces
 from leviathan.errors import ConfigError, DataError
+from leviathan.storage import atomic_write_text, fsync_dir
 
 BUNDLED = "<bundled>"  # the source name of the bundled corpus
 SAMPLE_SEED = 0  # the tokenizer sample's reservoir is drawn with this seed
@@ -522,7 +523,7 @@ def prepare(
                 },
             }
             meta["corpus"]["source"] = source
-            _write_json(tmp / INDEX_FILE, meta)
+            atomic_write_text(tmp / INDEX_FILE, json.dumps(meta, indent=2) + "\n")
             load_index(tmp)  # the same checks a reader will make
             _swap_into_place(tmp, target)
         finally:
@@ -607,14 +608,6 @@ def _index_meta(tok: Tokenizer, stats: dict[str, Any], corpus: Scan) -> dict[str
     }
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _check_replaceable(target: Path) -> None:
     if not target.is_dir():
         raise DataError(f"data.dir {target} exists and is not a folder; refusing to replace it")
@@ -642,7 +635,8 @@ def _check_same_inputs(existing: DataIndex, inputs: list[str], source: str, rebu
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
     """Rename `tmp` to `target`; an old `target` is moved aside first, then deleted."""
-    _fsync_dir(tmp)
+    with contextlib.suppress(OSError):  # a folder some filesystems cannot fsync
+        fsync_dir(tmp)
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.rename(target, old)
@@ -650,7 +644,8 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    with contextlib.suppress(OSError):
+        fsync_dir(target.parent)
 
 
 def _remove_leftovers(target: Path) -> None:
@@ -658,15 +653,6 @@ def _remove_leftovers(target: Path) -> None:
     for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
         for path in target.parent.glob(pattern):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,5 @@
-"""Multi-process training: the process world, the DeepSpeed engine and its config.
+"""The processes a run is laid out over: the world, expert parallelism, DeepSpeed's config.
 
-The model knows nothing of this package; the training loop meets it only through
-`leviathan.train.loop.build_engine`.
+The model knows nothing of this package: `parallelize` splits a model built whole over
+the world's ranks. It imports nothing from `leviathan.train`, whose engines build on it.
 """

@@ -14,7 +14,6 @@ import torch
 
 from leviathan.config import Config
 from leviathan.errors import ConfigError
-from leviathan.train.device import resolve_device
 
 
 @dataclass
@@ -67,6 +66,19 @@ def check_parallel(cfg: Config, engine: str, world_size: int) -> None:
             "would shard each rank's own experts over ranks that do not hold them; use "
             "zero_stage 1 or 2 with expert parallelism, or ep_size 1 with ZeRO-3"
         )
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"train.device: {name!r} is not a device ({err})") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
 
 
 def init_world(cfg: Config) -> World:

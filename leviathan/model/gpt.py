@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leviathan.model.cache import KVCache, LayerCache
-from leviathan.model.ffn import FFNS, layer_ffn_options
+from leviathan.model.ffn import FFN, FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
@@ -32,16 +32,15 @@ if TYPE_CHECKING:
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, ep_group: object | None = None):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         ffn = layer_ffn_options(cfg.ffn, layer)
-        routed = {"ep_group": ep_group} if ffn.kind == "moe" else {}
         self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mixer = MIXERS[cfg.mixer.kind](
             cfg.d_model, cfg.n_head, cfg.mixer, dropout=cfg.dropout, bias=cfg.bias
         )
         self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias, **routed)
+        self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x), cache)
@@ -49,10 +48,10 @@ class Block(nn.Module):
 
 
 class Leviathan(nn.Module):
-    """The decoder. `ep_group` is the process group a routed FFN with ffn.ep_size > 1
-    splits its experts over (default: the whole world); nothing else here knows of ranks."""
+    """The decoder, whole: it knows no ranks (`leviathan.distributed.parallelize` splits
+    its experts over them after construction)."""
 
-    def __init__(self, cfg: ModelConfig, ep_group: object | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build")
@@ -60,7 +59,7 @@ class Leviathan(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, i, ep_group) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
@@ -68,8 +67,8 @@ class Leviathan(nn.Module):
         # GPT-2: the projections that write into the residual stream (attention and FFN
         # outputs, experts' output weights included) start 1/sqrt(2 L) smaller
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith(("proj.weight", "w_out")):
+            for b in self.blocks:
+                for p in b.mixer.residual_projections() + b.ffn.residual_projections():
                     p.mul_(1 / math.sqrt(2 * cfg.n_layer))
 
     def forward(
@@ -100,9 +99,9 @@ class Leviathan(nn.Module):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
 
-    def sparse_layers(self) -> list[nn.Module]:
+    def sparse_layers(self) -> list[FFN]:
         """The FFNs that route tokens (they carry auxiliary losses, metrics and state)."""
-        return [b.ffn for b in self.blocks if routes_tokens(b.ffn)]
+        return [b.ffn for b in self.blocks if b.ffn.sparse]
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the routers' balance losses from the last forward; the loop adds it."""
@@ -112,15 +111,11 @@ class Leviathan(nn.Module):
     def after_optimizer_step(self) -> None:
         """State that moves outside the gradient: the loss-free routers' biases."""
         for ffn in self.sparse_layers():
-            ffn.update_bias()
+            ffn.after_optimizer_step()
 
     def pop_layer_metrics(self) -> dict[str, dict]:
         """Routing statistics per sparse block (keyed `layer{i}`) since the last call."""
-        return {
-            f"layer{i}": b.ffn.pop_metrics()
-            for i, b in enumerate(self.blocks)
-            if routes_tokens(b.ffn)
-        }
+        return {f"layer{i}": b.ffn.pop_metrics() for i, b in enumerate(self.blocks) if b.ffn.sparse}
 
     def set_reference(self, reference: bool) -> None:
         """Switch every mixer to its materialised-score path (for tests) or back."""
@@ -239,11 +234,6 @@ def next_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
-
-
-def routes_tokens(ffn: nn.Module) -> bool:
-    """A sparse FFN: it keeps routing metrics (and may carry aux losses and biases)."""
-    return hasattr(ffn, "pop_metrics")
 
 
 def init_weights(module: nn.Module) -> None:

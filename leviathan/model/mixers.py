@@ -2,8 +2,10 @@
 
 Every mixer is the same causal multi-head attention block (fused qkv projection, an
 attention kind, output projection ``proj``, residual dropout); a kind differs only in
-the lag parameters it owns and the functional in ``correlation`` it calls. Adding a
-kind is one subclass and one registry entry.
+the lag parameters it owns and the functional in ``correlation`` it calls. A kind also
+describes itself: its options in a few words (``describe``, for ``leviathan compare``),
+its materialised scores and lag weights (``scores``, ``lag_weights``, for ``leviathan
+inspect``). Adding a kind is one subclass and one registry entry, nothing else.
 
 Cached generation (``forward(x, cache)``): x holds only the new positions, which follow
 the ``cache.length`` positions the cache holds. A kind says, in ``lagged``, what its
@@ -116,6 +118,19 @@ class Mixer(nn.Module):
         weight decay, which would pull the delta initialisation towards zero."""
         return []
 
+    def lag_weights(self) -> Tensor | None:
+        """What the lag parameters weigh, per head, as ``leviathan inspect`` draws it: a
+        (H, a, b) kernel over query and key lags, or (H, n) weights of n lags; None: none."""
+        return None
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        """The materialised, unmasked scores (B, H, T, T) of queries q and keys k."""
+        return correlation.dot_scores(q, k)
+
+    def residual_projections(self) -> list[nn.Parameter]:
+        """The weights that write into the residual stream (GPT-2 starts them smaller)."""
+        return [self.proj.weight]
+
     def flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token (2 per multiply-add) at sequence length ``seq_len``.
 
@@ -132,6 +147,11 @@ class Mixer(nn.Module):
     def _attention_flops(self, seq_len: int, score_width: int) -> int:
         # 2 * H * (T+1)/2 keys * (score_width for Q.K + head_dim for P.V)
         return self.n_head * (seq_len + 1) * (score_width + self.head_dim)
+
+    @classmethod
+    def describe(cls, options: Any) -> str:
+        """The options in a few words, for tables (`leviathan compare`)."""
+        return options.kind
 
     @classmethod
     def check(cls, options: Any, d_model: int, n_head: int) -> None:
@@ -203,6 +223,12 @@ class TokenXcorrMixer(Mixer):
     def lag_parameters(self) -> list[nn.Parameter]:
         return [self.f, self.g]
 
+    def lag_weights(self) -> Tensor:
+        return correlation.lag_kernel(self.f, self.g)
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        return correlation.token_xcorr_scores(q, k, self.f, self.g)
+
     def flops_per_token(self, seq_len: int) -> int:
         o = self.options
         filtering = 2 * o.rank * (o.window_q + o.window_k) * self.d_model
@@ -216,6 +242,10 @@ class TokenXcorrMixer(Mixer):
         _check_int("window_k", options.window_k, 1)
         full = min(options.window_q, options.window_k)
         _check_int("rank", options.rank, 1, full, f"min(window_q, window_k)={full}")
+
+    @classmethod
+    def describe(cls, options: TokenXcorrOptions) -> str:
+        return f"token_xcorr W={options.window_q}x{options.window_k} r={options.rank}"
 
 
 class ChannelXcorrMixer(Mixer):
@@ -252,6 +282,12 @@ class ChannelXcorrMixer(Mixer):
     def lag_parameters(self) -> list[nn.Parameter]:
         return [self.alpha]
 
+    def lag_weights(self) -> Tensor:
+        return self.alpha
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        return correlation.channel_xcorr_scores(q, k, self.alpha)
+
     def flops_per_token(self, seq_len: int) -> int:
         circulant = 2 * (2 * self.options.lags + 1) * self.d_model
         return super().flops_per_token(seq_len) + circulant
@@ -263,6 +299,10 @@ class ChannelXcorrMixer(Mixer):
         # lags wrap around the d channels: with 2L+1 > d two lags would be the same lag
         most = (head_dim - 1) // 2
         _check_int("lags", options.lags, 0, most, f"{most} (2*lags+1 <= head_dim={head_dim})")
+
+    @classmethod
+    def describe(cls, options: ChannelXcorrOptions) -> str:
+        return f"channel_xcorr L={options.lags}"
 
 
 MIXERS: dict[str, type[Mixer]] = {

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leviathan.errors import CheckpointError, StorageError
+from leviathan.storage import atomic_write_text, fsync_dir, fsync_file
 
 MANIFEST = "MANIFEST.json"
 LATEST = "latest"
@@ -226,41 +227,9 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a half-written file would hold the space it took
-        raise
-    fsync_dir(path.parent)
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

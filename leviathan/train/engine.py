@@ -1,15 +1,17 @@
 """Engines run one optimizer step; the training loop never touches the optimizer itself.
 
 The loop hands an engine this rank's micro-batches and the step's learning rate and
-gets back the loss. `TorchEngine` is plain PyTorch in one process; a DeepSpeed engine
-implements the same protocol, so the loop is the same at every scale.
+gets back the loss. `TorchEngine` is plain PyTorch in one process; the DeepSpeed engine
+(`leviathan.train.deepspeed`) implements the same protocol, so the loop is the same at
+every scale. `leviathan.train.engines.ENGINES` names them; each reads its own
+checkpoints back (`read_state`), so an export needs no knowledge of their files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -17,7 +19,23 @@ from torch import nn
 from leviathan.train.device import autocast
 from leviathan.train.optim import build_adamw
 
+if TYPE_CHECKING:
+    from leviathan.config import Config
+    from leviathan.distributed.world import World
+
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainableModel(Protocol):
+    """What an engine asks of the nn.Module it trains, beyond being one."""
+
+    def __call__(
+        self, idx: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...  # logits, mean cross-entropy
+
+    def aux_loss(self) -> torch.Tensor: ...  # added to the loss: the last forward's
+
+    def after_optimizer_step(self) -> None: ...  # state that moves outside the gradient
 
 
 @dataclass
@@ -31,6 +49,9 @@ class Engine(Protocol):
     model: nn.Module  # the bare model, for evaluation and sampling
     rank: int
     world_size: int
+    zero_stage: int | None  # how the optimizer state is sharded (None: not at all)
+
+    def __init__(self, model: TrainableModel, cfg: Config, world: World) -> None: ...
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult: ...
 
@@ -42,27 +63,26 @@ class Engine(Protocol):
 
     def load(self, directory: Path) -> None: ...
 
+    @staticmethod
+    def read_state(directory: Path) -> dict[str, torch.Tensor]: ...  # full fp32 weights
+
 
 class TorchEngine:
     """One process: AdamW, gradient accumulation over micro-batches, norm clipping."""
 
     rank = 0
     world_size = 1
+    zero_stage = None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        weight_decay: float,
-        betas: tuple[float, float],
-        grad_clip: float,
-        device: torch.device,
-        precision: str = "fp32",
-    ):
-        self.model = model.to(device)
-        self.device = device
-        self.precision = precision
-        self.grad_clip = grad_clip
-        self.optimizer = build_adamw(model, lr=0.0, weight_decay=weight_decay, betas=betas)
+    def __init__(self, model: TrainableModel, cfg: Config, world: World):
+        t = cfg.train
+        self.model = model.to(world.device)
+        self.device = world.device
+        self.precision = t.precision
+        self.grad_clip = t.grad_clip
+        self.optimizer = build_adamw(
+            model, lr=0.0, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2)
+        )
 
     def train_step(self, micro_batches: list[Batch], lr: float) -> StepResult:
         self.model.train()
@@ -101,3 +121,7 @@ class TorchEngine:
         self.optimizer.load_state_dict(
             torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         )
+
+    @staticmethod
+    def read_state(directory: Path) -> dict[str, torch.Tensor]:
+        return torch.load(directory / "model.pt", map_location="cpu", weights_only=True)

@@ -26,6 +26,7 @@ import torch
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
+from leviathan.distributed.parallelize import parallelize
 from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import (
     CheckpointError,
@@ -35,7 +36,7 @@ from leviathan.errors import (
     TrainingError,
 )
 from leviathan.model import Leviathan
-from leviathan.run import sample_text
+from leviathan.storage import read_records
 from leviathan.train import mfu
 from leviathan.train.checkpoint import (
     checkpoint_at,
@@ -47,13 +48,15 @@ from leviathan.train.checkpoint import (
     verify_checkpoint,
 )
 from leviathan.train.compiled import apply_compile, resolve_compile
-from leviathan.train.engine import Engine, TorchEngine
+from leviathan.train.engine import Engine
+from leviathan.train.engines import ENGINES
 from leviathan.train.evaluate import evaluate, unigram_bpc
-from leviathan.train.metrics import MetricsLog, WandbRun, read_records
+from leviathan.train.metrics import MetricsLog, WandbRun
 from leviathan.train.plots import plot_curves, plot_expert_load
 from leviathan.train.progress import Progress
 from leviathan.train.recompute import apply_activation_checkpointing
 from leviathan.train.rundir import METRICS_FILE, RunLock, check_fresh, usable_run_dir
+from leviathan.train.sample import sample_text
 from leviathan.train.schedule import lr_at
 
 EVAL_BATCH = 16
@@ -83,18 +86,6 @@ def model_config_for(cfg: Config, index: DataIndex):
         )
     cfg.model.vocab_size = index.vocab_size
     return cfg.model
-
-
-def build_engine(cfg: Config, model: Leviathan, world: World) -> Engine:
-    """Plain PyTorch in one process, or DeepSpeed on one rank of many: same protocol."""
-    t = cfg.train
-    if world.engine == "deepspeed":
-        from leviathan.distributed.engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg, world)
-    return TorchEngine(
-        model, t.weight_decay, (t.beta1, t.beta2), t.grad_clip, world.device, t.precision
-    )
 
 
 def train(
@@ -247,7 +238,7 @@ def run_training(
     main = world.rank == 0
     say = log if main else quiet
     torch.manual_seed(t.seed)
-    model = Leviathan(model_cfg, ep_group=world.ep_group)
+    model = parallelize(Leviathan(model_cfg), world)
     run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
     run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
     compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
@@ -256,21 +247,22 @@ def run_training(
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
     n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
+    n_active = model.active_params()
     flops_per_token = model.flops_per_token(t.seq_len)
+    engine = ENGINES[world.engine](model, cfg, world)
     parallel = {
         "engine": world.engine,
         "world_size": world.world_size,
-        "zero_stage": cfg.parallel.zero_stage if world.engine == "deepspeed" else None,
+        "zero_stage": engine.zero_stage,
         "ep_size": ep_size_of(cfg),
     }
     say(
-        f"model: {n_params:,} parameters ({model.active_params():,} active), "
+        f"model: {n_params:,} parameters ({n_active:,} active), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
         f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
         + ", ".join(f"{k} {v}" for k, v in parallel.items())
         + f"; compiled {compiled}"
     )
-    engine = build_engine(cfg, model, world)
     parallel["local_params"] = engine.local_param_numel()  # this rank's; ZeRO-3: ~1/world
 
     run_dir = Path(cfg.run.dir)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from leviathan.errors import StorageError
-from leviathan.train.checkpoint import atomic_write_text
+from leviathan.storage import atomic_write_text, read_records
 
 
 class MetricsLog:
@@ -36,26 +36,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
-
-
-def read_records(path: Path, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a torn last line is dropped with a warning, a bad
-    line before it is an error naming it."""
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if number < len(lines):
-                raise StorageError(f"{path}:{number}: not a JSON record ({err})") from None
-            log(
-                f"warning: {path}: dropping its torn last line {number} "
-                f"({len(line)} characters, a crash or a full disk cut it short)"
-            )
-    return records
 
 
 def resolve_wandb_mode(mode: str) -> str:

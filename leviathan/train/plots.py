@@ -8,8 +8,8 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from leviathan.storage import read_records
 from leviathan.train.checkpoint import quiet
-from leviathan.train.metrics import read_records
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

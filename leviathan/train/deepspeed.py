@@ -10,6 +10,7 @@ DeepSpeed's universal (layout-free) format, then loaded into the new layout.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from leviathan.config import Config
 from leviathan.distributed.ds_config import deepspeed_config
 from leviathan.distributed.world import World, ep_size_of
 from leviathan.errors import CheckpointError
-from leviathan.train.engine import Batch, StepResult
+from leviathan.train.engine import Batch, StepResult, TrainableModel
 from leviathan.train.optim import param_groups
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
@@ -33,7 +34,7 @@ CONSOLIDATED = "consolidated.pt"  # expert-parallel runs: the full fp32 weights,
 class DeepSpeedEngine:
     """One rank of a DeepSpeed run; all ranks call every method together."""
 
-    def __init__(self, model: nn.Module, cfg: Config, world: World):
+    def __init__(self, model: TrainableModel, cfg: Config, world: World):
         self.model = model
         self.rank, self.world_size, self.device = world.rank, world.world_size, world.device
         self.layout = {
@@ -43,6 +44,7 @@ class DeepSpeedEngine:
             "ep_size": ep_size_of(cfg),
             "precision": cfg.train.precision,
         }
+        self.zero_stage = cfg.parallel.zero_stage
         self.grad_accum = cfg.train.grad_accum
         self.ep_group = world.ep_group
         self.config = deepspeed_config(cfg, on_gpu=world.device.type == "cuda")
@@ -138,6 +140,28 @@ class DeepSpeedEngine:
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
 
+    @staticmethod
+    def read_state(directory: Path) -> dict[str, torch.Tensor]:
+        """The full fp32 weights (tied head included) of a checkpoint written at any layout."""
+        state = deepspeed_state(directory)
+        state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        state.setdefault("head.weight", state["tok_emb.weight"])
+        return state
+
+
+def deepspeed_state(directory: Path) -> dict[str, torch.Tensor]:
+    """The weights of a DeepSpeed checkpoint as its layout stored them."""
+    layout = read_layout(directory)
+    if layout["ep_size"] > 1:  # the engine wrote it whole: DeepSpeed's tools cannot
+        return torch.load(directory / CONSOLIDATED, map_location="cpu", weights_only=True)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    if layout["zero_stage"] == 0:
+        states = directory / TAG / "mp_rank_00_model_states.pt"
+        return torch.load(states, map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+
 
 def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor] | None:
     """The whole model's fp32 weights, every expert included, for rank 0 (every rank
@@ -229,9 +253,10 @@ def plain_engine() -> type:
 def expert_parallel_engine() -> type:
     """DeepSpeed's engine, told that the model has expert-parallel layers.
 
-    DeepSpeed recognises only its own MoE class; ours tags its split expert parameters
-    the DeepSpeed way (`allreduce=False`, `group_name`), and this flag makes the engine
-    and ZeRO-1/2 reduce and partition them within their expert-data-parallel groups.
+    DeepSpeed recognises only its own MoE class; `leviathan.distributed.parallelize` tags
+    our split expert parameters the DeepSpeed way (`allreduce=False`, `group_name`), and
+    this flag makes the engine and ZeRO-1/2 reduce and partition them within their
+    expert-data-parallel groups.
     """
     from deepspeed.runtime.engine import DeepSpeedEngine as Base
 
