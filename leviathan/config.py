@@ -35,6 +35,8 @@ class ModelConfig:
     d_model: int = 256
     dropout: float = 0.0
     bias: bool = False
+    positions: Literal["learned", "rope"] = "learned"  # rope: rotary, applied in the mixers
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mixer: Any = field(default_factory=DotOptions)  # the options dataclass of MIXERS[kind]
     ffn: Any = field(default_factory=DenseOptions)  # the options dataclass of FFNS[kind]
 
@@ -370,6 +372,8 @@ def validate(cfg: Config) -> None:
             "the torch engine supports fp32 and bf16"
         )
     MIXERS[m.mixer.kind].check(m.mixer, m.d_model, m.n_head)
+    if m.positions == "rope":
+        MIXERS[m.mixer.kind].check_rope(m.d_model, m.n_head)
     FFNS[m.ffn.kind].check(m.ffn, m.d_model)
 
 

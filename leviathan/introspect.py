@@ -63,11 +63,8 @@ def lag_weights(run: Run) -> np.ndarray:
 @torch.no_grad()
 def attention_weights(mixer: Mixer, x: Tensor) -> Tensor:
     """The causal attention matrix P (B, H, T, T) that `mixer` applies to its input x."""
-    B, T, C = x.shape
-    q, k, _ = (
-        t.view(B, T, mixer.n_head, mixer.head_dim).transpose(1, 2)
-        for t in mixer.qkv(x).split(C, dim=2)
-    )
+    T = x.shape[1]
+    q, k, _ = mixer.heads(x)
     scores = mixer.scores(q, k)
     future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
     return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)

@@ -117,3 +117,23 @@ def test_the_val_fraction_prepare_advises_is_accepted():
         fallback_start([1000], 0.05, "one.txt")
     advice = err.value.args[0].rsplit(" ", 1)[1]
     assert load_config("configs/tiny.yaml", [advice]).data.val_fraction == 0
+
+
+def test_positions_and_norm_options():
+    cfg = load_config(None, ["model.positions=rope", "model.norm=rmsnorm", "model.mixer=dconv"])
+    assert (cfg.model.positions, cfg.model.norm, cfg.model.mixer.kind) == (
+        "rope",
+        "rmsnorm",
+        "dconv",
+    )
+    assert cfg.model.mixer.kernel == 3
+    with pytest.raises(
+        ConfigError, match="model.positions: rope does not fit ChannelXcorrMixer: its circulant"
+    ):
+        load_config(None, ["model.positions=rope", "model.mixer=channel_xcorr"])
+    with pytest.raises(ConfigError, match="head_dim=9 is odd"):
+        load_config(None, ["model.positions=rope", "model.d_model=36", "model.n_head=4"])
+    with pytest.raises(ConfigError, match="model.norm: expected one of"):
+        load_config(None, ["model.norm=batchnorm"])
+    with pytest.raises(ConfigError, match="model.positions: expected one of"):
+        load_config(None, ["model.positions=alibi"])

@@ -19,6 +19,8 @@ MIXERS = {
     "token_xcorr-1x3-r1": {"kind": "token_xcorr", "window_q": 1, "window_k": 3, "rank": 1},
     "channel_xcorr-2": {"kind": "channel_xcorr", "lags": 2},
     "channel_xcorr-0": {"kind": "channel_xcorr", "lags": 0},
+    "dconv-3": {"kind": "dconv", "kernel": 3},
+    "dconv-1": {"kind": "dconv", "kernel": 1},
 }
 FFNS = {
     "dense": {"kind": "dense", "activation": "gelu"},
@@ -88,6 +90,15 @@ def test_greedy_cached_equals_uncached_past_block_size(mixer, ffn):
     prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
     out = assert_cached_equals_uncached(model, prompt, 2 * BLOCK, temperature=0)
     assert len(out[:, 5:].unique()) > 5  # the tokens vary: the comparison means something
+
+
+@pytest.mark.parametrize("mixer", ["dot", "token_xcorr-3x2-r2", "dconv-3"])
+def test_rope_rmsnorm_cached_equals_uncached(mixer):
+    """Rotary positions (a cached step rotates by its absolute position) and RMSNorm."""
+    model = model_of(mixer, "swiglu", positions="rope", norm="rmsnorm")
+    assert model.pos_emb is None and isinstance(model.norm, torch.nn.RMSNorm)
+    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(5))
+    assert_cached_equals_uncached(model, prompt, 2 * BLOCK, temperature=0, context_keep=9)
 
 
 @pytest.mark.parametrize("keep", [1, 9, BLOCK // 2, BLOCK - 1])

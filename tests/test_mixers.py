@@ -15,6 +15,8 @@ from leviathan.model.mixers import (
     MIXERS,
     ChannelXcorrMixer,
     ChannelXcorrOptions,
+    DconvMixer,
+    DconvOptions,
     DotMixer,
     DotOptions,
     Mixer,
@@ -192,6 +194,8 @@ MIXER_CASES = {
     "token_r1": TokenXcorrOptions(window_q=3, window_k=2, rank=1),
     "token_full": TokenXcorrOptions(window_q=4, window_k=3, rank=3),
     "channel": ChannelXcorrOptions(lags=2),
+    "dconv": DconvOptions(kernel=3),
+    "dconv_long": DconvOptions(kernel=5),
 }
 
 
@@ -245,8 +249,9 @@ def test_causality(name: str, reference: bool) -> None:
         TokenXcorrOptions(window_q=4, window_k=4, rank=4),
         TokenXcorrOptions(window_q=2, window_k=5, rank=2),
         ChannelXcorrOptions(lags=2),
+        DconvOptions(kernel=4),
     ],
-    ids=["token_r1", "token_full", "token_2x5", "channel"],
+    ids=["token_r1", "token_full", "token_2x5", "channel", "dconv"],
 )
 def test_delta_init_is_exactly_dot(options, reference: bool) -> None:
     torch.manual_seed(0)
@@ -352,6 +357,7 @@ def test_flops_per_token() -> None:
         (ChannelXcorrMixer, ChannelXcorrOptions(lags=-1), "model.mixer.lags"),
         (TokenXcorrMixer, DotOptions(), "model.mixer.kind"),
         (DotMixer, ChannelXcorrOptions(), "model.mixer.kind"),
+        (DconvMixer, DconvOptions(kernel=0), "model.mixer.kernel"),
     ],
 )
 def test_check_names_the_key(cls, options, key: str) -> None:
@@ -374,6 +380,41 @@ def test_check_messages() -> None:
 
 
 def test_registry() -> None:
-    assert set(MIXERS) == {"dot", "token_xcorr", "channel_xcorr"}
+    assert set(MIXERS) == {"dot", "token_xcorr", "channel_xcorr", "dconv"}
     for kind, cls in MIXERS.items():
         assert cls.Options().kind == kind
+
+
+def test_dconv_is_dot_on_filtered_q_k_v() -> None:
+    """The oracle: each channel of q, k and v through its own lfilter (scipy), then the
+    materialised causal softmax of <q~_i, k~_j>/sqrt(d), times v~."""
+    mixer = make_mixer(DconvOptions(kernel=3))
+    x = randn(2, 9, D_MODEL, seed=4)
+    B, T, C, H = 2, 9, D_MODEL, N_HEAD
+    q, k, v = (
+        t.view(B, T, H, C // H).transpose(1, 2).detach().numpy()
+        for t in mixer.qkv(x).split(C, dim=2)
+    )
+    conv = mixer.conv.detach().numpy()
+    q, k, v = (
+        np.stack(
+            [
+                np.stack(
+                    [
+                        scipy.signal.lfilter(conv[i, h, c], [1.0], t[:, h, :, c], axis=1)
+                        for c in range(C // H)
+                    ],
+                    axis=-1,
+                )
+                for h in range(H)
+            ],
+            axis=1,
+        )
+        for i, t in enumerate((q, k, v))
+    )
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(C // H)
+    scores = np.where(np.tril(np.ones((T, T), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    y = (p / p.sum(-1, keepdims=True)) @ v
+    expected = mixer.proj(torch.from_numpy(y).transpose(1, 2).reshape(B, T, C))
+    torch.testing.assert_close(mixer(x), expected, rtol=1e-10, atol=1e-10)

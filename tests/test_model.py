@@ -10,6 +10,7 @@ MIXER_OPTIONS = {
     "dot": {"kind": "dot"},
     "token_xcorr": {"kind": "token_xcorr", "window_q": 3, "window_k": 2, "rank": 2},
     "channel_xcorr": {"kind": "channel_xcorr", "lags": 2},
+    "dconv": {"kind": "dconv", "kernel": 3},
 }
 
 
@@ -31,7 +32,7 @@ def tiny_model(mixer: str, ffn: str = "gelu", **model) -> Leviathan:
     model = Leviathan(config_from_dict(raw).model).double()
     with torch.no_grad():  # move the lag kernels off their delta so they matter
         for name, p in model.named_parameters():
-            if name.endswith((".f", ".g", ".alpha")):
+            if name.endswith((".f", ".g", ".alpha", ".conv")):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 
@@ -45,6 +46,22 @@ def test_every_registered_mixer_is_covered():
 @pytest.mark.parametrize("mixer", sorted(MIXER_OPTIONS))
 def test_future_tokens_do_not_change_past_logits(mixer, ffn, reference):
     model = tiny_model(mixer, ffn)
+    assert_causal(model, reference)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("mixer", ["dot", "token_xcorr", "dconv"])
+def test_rope_rmsnorm_models_are_causal_and_paths_agree(mixer, reference):
+    model = tiny_model(mixer, "swiglu", positions="rope", norm="rmsnorm")
+    assert_causal(model, reference)
+    idx = torch.randint(0, 61, (2, 20))
+    fast, _ = model(idx)
+    model.set_reference(not reference)
+    other, _ = model(idx)
+    torch.testing.assert_close(fast, other, rtol=1e-10, atol=1e-10)
+
+
+def assert_causal(model: Leviathan, reference: bool) -> None:
     model.set_reference(reference)
     idx = torch.randint(0, 61, (2, 20))
     t = 11

@@ -1,11 +1,13 @@
 """The Leviathan decoder: GPT-2 with a pluggable token mixer and FFN per block.
 
-Positions are learned absolute embeddings, not rotary: rotary embeddings rotate each
-channel pair of q and k by a position-dependent angle, so the channel axis would carry
-position and the channel-lag mixer would correlate rotated channel pairs of different
-frequencies. With learned positions q and k stay pure content signals, every mixer's
-score is exactly the lagged inner product DESIGN.md section 2 defines, and token_xcorr at
-its delta kernel is the `dot` baseline (bit for bit at rank 1).
+Positions are learned absolute embeddings by default (`model.positions: learned`): q and
+k stay pure content signals, every mixer's score is exactly the lagged inner product
+DESIGN.md section 2 defines, and token_xcorr at its delta kernel is the `dot` baseline
+(bit for bit at rank 1). `model.positions: rope` rotates q and k in each mixer instead
+(`leviathan.model.rope`; token_xcorr rotates before its lag filter, so its scores stay
+relative); channel_xcorr refuses it, since its circulant would mix channels of different
+rotation frequencies. `model.norm: rmsnorm` swaps every LayerNorm for RMSNorm: with
+`swiglu` FFNs, the "Transformer++" of the Mamba and Hyena papers.
 
 Generation is cached (`generate`, `forward(idx, cache=...)`, `leviathan.model.cache`):
 the prompt runs once, then each new token is one position's work against the cached keys.
@@ -29,17 +31,29 @@ if TYPE_CHECKING:
     from leviathan.config import ModelConfig
 
 
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """`model.norm`: LayerNorm (GPT-2) or RMSNorm (scale only, no centring)."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=1e-5)
+    return nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         ffn = layer_ffn_options(cfg.ffn, layer)
-        self.norm1 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.norm1 = make_norm(cfg)
         self.mixer = MIXERS[cfg.mixer.kind](
-            cfg.d_model, cfg.n_head, cfg.mixer, dropout=cfg.dropout, bias=cfg.bias
+            cfg.d_model,
+            cfg.n_head,
+            cfg.mixer,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            rope=cfg.positions == "rope",
         )
-        self.norm2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.norm2 = make_norm(cfg)
         self.ffn = FFNS[ffn.kind](cfg.d_model, ffn, dropout=cfg.dropout, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -57,10 +71,13 @@ class Leviathan(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        # rope: the mixers rotate q and k, the residual stream carries no position
+        self.pos_emb = (
+            nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
         self.apply(init_weights)
@@ -89,8 +106,10 @@ class Leviathan(nn.Module):
                 f"sequence of {start + T} tokens is longer than the model's positions "
                 f"(block_size={self.cfg.block_size})"
             )
-        pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i])
         logits = self.head(self.norm(x))
@@ -126,7 +145,7 @@ class Leviathan(nn.Module):
         """Parameters, counting the tied head once; optionally without the embeddings."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.tok_emb.weight.numel() + self.pos_emb.weight.numel()
+            n -= sum(e.weight.numel() for e in (self.tok_emb, self.pos_emb) if e is not None)
         return n
 
     def active_params(self) -> int:

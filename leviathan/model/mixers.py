@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from leviathan.errors import ConfigError
 from leviathan.model import correlation
 from leviathan.model.cache import LayerCache
+from leviathan.model.rope import apply_rope, rope_angles
 
 KEY = "model.mixer"  # config path of the options, for error messages
 
@@ -39,6 +40,12 @@ class TokenXcorrOptions:
     window_q: int = 4  # Wq: query lags 0..Wq-1
     window_k: int = 4  # Wk: key lags 0..Wk-1
     rank: int = 1  # rank-one terms of the Wq x Wk kernel: 1 = separable, min(Wq, Wk) = general
+
+
+@dataclass
+class DconvOptions:
+    kind: str = "dconv"
+    kernel: int = 3  # K: each channel of q, k and v filtered over lags 0..K-1 (Primer: 3)
 
 
 @dataclass
@@ -62,12 +69,23 @@ class Mixer(nn.Module):
     """Causal multi-head attention, (B, T, C) -> (B, T, C); subclasses pick the scores."""
 
     Options: ClassVar[type] = DotOptions
+    # why the kind cannot take rotary positions (model.positions=rope), or None: it can
+    refuses_rope: ClassVar[str | None] = None
 
     def __init__(
-        self, d_model: int, n_head: int, options: Any, dropout: float = 0.0, bias: bool = False
+        self,
+        d_model: int,
+        n_head: int,
+        options: Any,
+        dropout: float = 0.0,
+        bias: bool = False,
+        rope: bool = False,
     ) -> None:
         super().__init__()
         self.check(options, d_model, n_head)
+        if rope:
+            self.check_rope(d_model, n_head)
+        self.rope = rope  # rotate q and k by their positions before anything else
         self.options = options
         self.d_model = d_model
         self.n_head = n_head
@@ -81,10 +99,7 @@ class Mixer(nn.Module):
     def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         """x: (B, T, C), positions 0..T-1, or with a cache the T positions after its own."""
         B, T, C = x.shape
-        q, k, v = (
-            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-            for t in self.qkv(x).split(C, dim=2)
-        )
+        q, k, v = self.heads(x, 0 if cache is None else cache.length)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
             y = self.attend(q, k, v, dropout_p=dropout_p)
@@ -92,6 +107,18 @@ class Mixer(nn.Module):
             y = self.attend_cached(q, k, v, cache, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def heads(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v (B, H, T, d) of x (B, T, C) at positions start.., q and k rotated (rope)."""
+        B, T, C = x.shape
+        q, k, v = (
+            t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+            for t in self.qkv(x).split(C, dim=2)
+        )
+        if self.rope:
+            angles = rope_angles(torch.arange(start, start + T, device=x.device), self.head_dim)
+            q, k = apply_rope(q, *angles), apply_rope(k, *angles)
+        return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         """Per-head attention, (B, H, T, d) -> (B, H, T, d)."""
@@ -154,6 +181,18 @@ class Mixer(nn.Module):
         return options.kind
 
     @classmethod
+    def check_rope(cls, d_model: int, n_head: int) -> None:
+        """Raise ConfigError (key model.positions) unless this kind can take rope here."""
+        if cls.refuses_rope:
+            raise ConfigError(
+                f"model.positions: rope does not fit {cls.__name__}: {cls.refuses_rope}"
+            )
+        if (d_model // n_head) % 2:
+            raise ConfigError(
+                f"model.positions: rope rotates channel pairs; head_dim={d_model // n_head} is odd"
+            )
+
+    @classmethod
     def check(cls, options: Any, d_model: int, n_head: int) -> None:
         """Validate options against the model shape; raise ConfigError naming the key."""
         if not isinstance(options, cls.Options):
@@ -184,10 +223,9 @@ class TokenXcorrMixer(Mixer):
         d_model: int,
         n_head: int,
         options: TokenXcorrOptions,
-        dropout: float = 0.0,
-        bias: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(d_model, n_head, options, dropout, bias)
+        super().__init__(d_model, n_head, options, **kwargs)
         self.f = nn.Parameter(torch.empty(n_head, options.rank, options.window_q))
         self.g = nn.Parameter(torch.empty(n_head, options.rank, options.window_k))
         self.init_lags()
@@ -252,16 +290,19 @@ class ChannelXcorrMixer(Mixer):
     """Channel-lag correlation: S_ij = <q_i, C k_j>/sqrt(d), C a learned circulant."""
 
     Options = ChannelXcorrOptions
+    refuses_rope = (
+        "its circulant correlates channel c with c + tau, which rope rotates at other "
+        "frequencies; use model.positions=learned"
+    )
 
     def __init__(
         self,
         d_model: int,
         n_head: int,
         options: ChannelXcorrOptions,
-        dropout: float = 0.0,
-        bias: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(d_model, n_head, options, dropout, bias)
+        super().__init__(d_model, n_head, options, **kwargs)
         self.alpha = nn.Parameter(torch.empty(n_head, 2 * options.lags + 1))
         self.init_lags()
 
@@ -305,8 +346,76 @@ class ChannelXcorrMixer(Mixer):
         return f"channel_xcorr L={options.lags}"
 
 
+class DconvMixer(Mixer):
+    """Primer's multi-dconv-head attention: `dot` after a causal depthwise convolution of
+    q, k and v along time, one K-tap filter per channel. The short-convolution baseline
+    token_xcorr has to beat: both see a window of recent q and k, but dconv filters each
+    channel separately and v as well, while token_xcorr's kernel is shared by a head's
+    channels and couples query and key lags (S_ij = sum_ab w_ab <q_{i-a}, k_{j-b}>)."""
+
+    Options = DconvOptions
+
+    def __init__(self, d_model: int, n_head: int, options: DconvOptions, **kwargs: Any) -> None:
+        super().__init__(d_model, n_head, options, **kwargs)
+        self.conv = nn.Parameter(torch.empty(3, n_head, self.head_dim, options.kernel))
+        self.init_lags()
+
+    @torch.no_grad()
+    def init_lags(self) -> None:
+        """Start as exactly ``dot``: every filter the delta at lag 0."""
+        self.conv.zero_()
+        self.conv[..., 0] = 1.0
+
+    def filtered(self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache | None = None):
+        """q, k, v through their filters (with a cache: the last K-1 raw rows before them)."""
+        keep = self.options.kernel - 1
+        return tuple(
+            correlation.causal_depthwise_conv(
+                x, w, None if cache is None else cache.history(name, x, keep)
+            )
+            for name, x, w in zip("qkv", (q, k, v), self.conv, strict=True)
+        )
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
+        q, k, v = self.filtered(q, k, v)
+        return correlation.dot_attention(q, k, v, reference=self.reference, dropout_p=dropout_p)
+
+    def attend_cached(
+        self, q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, dropout_p: float
+    ) -> Tensor:
+        q, k, v = self.filtered(q, k, v, cache)
+        keys, values = cache.append(k, v)
+        return correlation.cached_attention(q, keys, values, self.head_dim**-0.5, dropout_p)
+
+    def lag_parameters(self) -> list[nn.Parameter]:
+        return [self.conv]
+
+    def lag_weights(self) -> Tensor:
+        """The (H, K, K) kernel the q and k filters make over (query lag, key lag), averaged
+        over a head's channels: sum_c w_q[c, a] w_k[c, b] / d."""
+        return torch.einsum("hca,hcb->hab", self.conv[0], self.conv[1]) / self.head_dim
+
+    def scores(self, q: Tensor, k: Tensor) -> Tensor:
+        w_q, w_k, _ = self.conv
+        conv = correlation.causal_depthwise_conv
+        return correlation.dot_scores(conv(q, w_q), conv(k, w_k))
+
+    def flops_per_token(self, seq_len: int) -> int:
+        return super().flops_per_token(seq_len) + 2 * 3 * self.options.kernel * self.d_model
+
+    @classmethod
+    def check(cls, options: Any, d_model: int, n_head: int) -> None:
+        super().check(options, d_model, n_head)
+        _check_int("kernel", options.kernel, 1)
+
+    @classmethod
+    def describe(cls, options: DconvOptions) -> str:
+        return f"dconv K={options.kernel}"
+
+
 MIXERS: dict[str, type[Mixer]] = {
     "dot": DotMixer,
     "token_xcorr": TokenXcorrMixer,
     "channel_xcorr": ChannelXcorrMixer,
+    "dconv": DconvMixer,
 }
