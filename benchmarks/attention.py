@@ -1,4 +1,4 @@
-"""Time and memory of the attention kinds, fast and reference paths, against ``dot``.
+"""Time and memory of each attention kind, fast (eager, compiled) and reference, against dot.
 
     python benchmarks/attention.py --seq-lens 128 512 2048 --repeats 5 \
         --out benchmarks/results/attention.json --batch 4 --heads 4 --head-dim 64
@@ -31,8 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
+sys.path.remove(str(Path(__file__).resolve().parent))
 
-# (name, kind, options); every kind but scipy_detached runs on both paths
+# (name, kind, options); every kind but scipy_detached runs on every path
 CASES: list[tuple[str, str, dict]] = [
     ("dot", "dot", {}),
     ("token W=2 r=1", "token_xcorr", {"window": 2, "rank": 1}),
@@ -42,6 +44,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("channel L=2", "channel_xcorr", {"lags": 2}),
 ]
 SKIPPED_TT = "skipped (T x T too large)"
+PATHS = ["fast", "compiled", "reference"]  # eager fast path, the same compiled, materialised
 
 
 # --- worker: one case, one sequence length, in its own process -----------------------
@@ -64,9 +67,14 @@ def _make_step(spec: dict, T: int):
 
     B, H, d = spec["batch"], spec["heads"], spec["head_dim"]
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(B, H, T, d, generator=gen).requires_grad_() for _ in range(3))
+    dev = torch.device(spec["device"])
+
+    def randn(*shape: int, std: float = 1.0):
+        return (std * torch.randn(*shape, generator=gen)).to(dev).requires_grad_()
+
+    q, k, v = (randn(B, H, T, d) for _ in range(3))
     leaves = [q, k, v]
-    kind, opts, reference = spec["kind"], spec["options"], spec["reference"]
+    kind, opts, reference = spec["kind"], spec["options"], spec["path"] == "reference"
     if kind == "dot":
 
         def forward():
@@ -74,15 +82,14 @@ def _make_step(spec: dict, T: int):
 
     elif kind == "token_xcorr":
         r, W = opts["rank"], opts["window"]
-        f = (0.5 * torch.randn(H, r, W, generator=gen)).requires_grad_()
-        g = (0.5 * torch.randn(H, r, W, generator=gen)).requires_grad_()
+        f, g = randn(H, r, W, std=0.5), randn(H, r, W, std=0.5)
         leaves += [f, g]
 
         def forward():
             return xc.token_xcorr_attention(q, k, v, f, g, reference=reference)
 
     elif kind == "channel_xcorr":
-        alpha = (0.5 * torch.randn(H, 2 * opts["lags"] + 1, generator=gen)).requires_grad_()
+        alpha = randn(H, 2 * opts["lags"] + 1, std=0.5)
         leaves.append(alpha)
 
         def forward():
@@ -99,6 +106,9 @@ def _make_step(spec: dict, T: int):
     else:
         raise ValueError(kind)
 
+    if spec["path"] == "compiled":
+        forward = torch.compile(forward, dynamic=False)
+
     def step() -> None:
         for t in leaves:
             t.grad = None
@@ -107,6 +117,8 @@ def _make_step(spec: dict, T: int):
                 forward()
         else:
             forward().sum().backward()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     return step
 
@@ -122,6 +134,13 @@ def worker(spec: dict) -> dict:
     warm()
     step = _make_step(spec, spec["seq_len"])
     if spec["measure"] == "memory":
+        if spec["path"] == "compiled":
+            step()  # compile outside the measurement
+        if spec["device"] == "cuda":  # the allocator's peak, inputs excluded
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
         before = _proc_status_kib("VmRSS")
         step()
@@ -182,6 +201,9 @@ def main() -> None:
         default=1024,
         help="skip the materialised paths above this T (they hold several B*H*T*T tensors)",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], default=None)
+    parser.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -190,26 +212,26 @@ def main() -> None:
         return
 
     base = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
-    base |= {"threads": args.threads, "repeats": args.repeats}
-    plan = [(name, kind, opts, False) for name, kind, opts in CASES]
-    plan += [(name, kind, opts, True) for name, kind, opts in CASES]
-    plan.append(("scipy_detached", "scipy_detached", {}, False))
+    base |= {"threads": args.threads, "repeats": args.repeats, "device": args.device}
+    cases = [c for c in CASES if args.cases is None or c[0] in args.cases or c[1] == "dot"]
+    plan = [(name, kind, opts, path) for path in args.paths for name, kind, opts in cases]
+    if args.device == "cpu":  # numpy on detached copies: a CPU thing
+        plan.append(("scipy_detached", "scipy_detached", {}, "fwd only"))
 
     rows = []
     print(_header(), flush=True)
     for T in args.seq_lens:
-        dot = None
-        for name, kind, opts, reference in plan:
-            path = "reference" if reference else "fast"
-            path = "fwd only" if kind == "scipy_detached" else path
+        dots: dict[str, dict] = {}  # path -> the dot row it is compared with
+        for name, kind, opts, path in plan:
             row = {"case": name, "kind": kind, "options": opts, "path": path, "seq_len": T}
-            if reference and T > args.max_reference_t:
+            if path == "reference" and T > args.max_reference_t:
                 row["status"] = SKIPPED_TT
             else:
-                spec = {**base, "kind": kind, "options": opts, "reference": reference}
+                spec = {**base, "kind": kind, "options": opts, "path": path}
                 row |= run_case({**spec, "seq_len": T}, args.timeout)
-            if kind == "dot" and not reference and row["status"] == "ok":
-                dot = row
+            if kind == "dot" and path != "reference" and row["status"] == "ok":
+                dots[path] = row
+            dot = dots.get("compiled" if path == "compiled" else "fast")
             if row["status"] == "ok" and dot is not None:
                 row["time_vs_dot"] = row["ms"] / dot["ms"]
                 if row["peak_mib"] is not None and dot["peak_mib"]:
@@ -228,17 +250,22 @@ def main() -> None:
         "time": "median wall time of forward + backward (loss = out.sum()) after two warm-ups",
         "memory": "peak RSS growth of a fresh process during one forward + backward, inputs "
         "excluded (VmHWM reset via /proc/self/clear_refs, minus VmRSS before), with "
-        "MALLOC_MMAP_THRESHOLD_=65536 so freed blocks >= 64 KiB go back to the OS",
+        "MALLOC_MMAP_THRESHOLD_=65536 so freed blocks >= 64 KiB go back to the OS; on CUDA "
+        "the caching allocator's peak above what was allocated before the step",
         "scipy_detached": "forward only: scipy.signal.correlate over all axes of detached "
         "q, k (mode='same'), unmasked softmax, times v; a re-creation of the old approach",
-        "ratios": "against dot (fast path) at the same T",
+        "compiled": "the fast path under torch.compile(dynamic=False), compiled in the "
+        "warm-ups (the memory process compiles before measuring)",
+        "ratios": "against dot at the same T: compiled rows against compiled dot, the others "
+        "against eager dot (fast path)",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     print(
         f"\nB={args.batch} H={args.heads} d={args.head_dim} float32, "
-        f"{settings['threads_used']} threads; x dot: median and peak against dot (fast) at the "
-        "same T; min ms: the fastest repeat (less exposed to other load on the machine).\n"
+        f"{settings['threads_used']} threads; x dot: median and peak against dot at the same T "
+        "(compiled rows: against compiled dot); min ms: the fastest repeat (less exposed to "
+        "other load on the machine).\n"
         f"Time: {settings['time']}; scipy_detached: {settings['scipy_detached']}.\n"
         f"Memory: {settings['memory']}.\nwrote {args.out}"
     )

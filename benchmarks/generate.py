@@ -19,11 +19,14 @@ two context policies (`Leviathan.generate`):
   last 64 tokens and the cache refilled once, then 63 cached steps follow.
 
 and one row with block_size 512 (`no cut`): all 264 positions fit, the cache alone.
-The cached and uncached tokens are compared (they must be identical).
+With `--compiled`, tiny's own mixer (token_xcorr W=4 r=1) at batch 1 also runs cached
+with `generate(compiled=True)` (its one-token steps under torch.compile).
+The tokens of every variant are compared (they must be identical).
 
 Time: median wall time of one whole `generate` call over `--repeats` rounds after one
-warm-up round; each round runs cached and uncached back to back, in alternating order,
-so background load on a shared machine falls on both alike.
+warm-up round (which compiles); each round runs the variants back to back, in an order
+rotated every round, so background load on a shared machine falls on all alike.
+Speedups are against uncached (eager) generation of the same model and policy.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pathlib import Path
 sys.path.remove(str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402
 
 from leviathan.config import load_config  # noqa: E402
 from leviathan.model import MIXERS, Leviathan  # noqa: E402
@@ -76,33 +80,56 @@ def build(config: str, mixer: dict | None, block_size: int | None) -> Leviathan:
     return model.eval()
 
 
-def time_pair(
-    model: Leviathan, batch: int, new_tokens: int, keep: int | None, repeats: int
+# (use_cache, compiled): uncached first, the baseline of every speedup (`compiled` applies
+# to the cached one-token steps only)
+VARIANTS = [(False, False), (True, False), (True, True)]
+
+
+def label(use_cache: bool, compiled: bool) -> str:
+    return ("cached" if use_cache else "uncached") + ("_compiled" if compiled else "")
+
+
+def time_variants(
+    model: Leviathan,
+    batch: int,
+    new_tokens: int,
+    keep: int | None,
+    repeats: int,
+    variants: list[tuple[bool, bool]],
 ) -> dict:
+    """Median ms of whole `generate` calls per variant, rounds in rotating order; round 0
+    warms up (and compiles: its extra time over the median is reported)."""
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab_size, (batch, PROMPT), generator=gen)
 
-    def run(use_cache: bool) -> tuple[float, torch.Tensor]:
+    def run(use_cache: bool, compiled: bool) -> tuple[float, torch.Tensor]:
         t0 = time.perf_counter()
         out = model.generate(
-            prompt, new_tokens, temperature=0, context_keep=keep, use_cache=use_cache
+            prompt,
+            new_tokens,
+            temperature=0,
+            context_keep=keep,
+            use_cache=use_cache,
+            compiled=compiled,
         )
         return time.perf_counter() - t0, out
 
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
     outs = {}
     for r in range(repeats + 1):
-        for use_cache in (True, False) if r % 2 else (False, True):
-            seconds, outs[use_cache] = run(use_cache)
-            if r:  # round 0 warms up
-                times[use_cache].append(seconds)
-    cached, uncached = statistics.median(times[True]), statistics.median(times[False])
-    return {
-        "cached_ms": round(1e3 * cached, 1),
-        "uncached_ms": round(1e3 * uncached, 1),
-        "speedup": round(uncached / cached, 2),
-        "tokens_equal": bool(torch.equal(outs[True], outs[False])),
-    }
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            seconds, outs[v] = run(*v)
+            times[v].append(seconds)
+    row: dict = {}
+    base = statistics.median(times[variants[0]][1:])
+    for v in variants:
+        ms = statistics.median(times[v][1:])
+        row[f"{label(*v)}_ms"] = round(1e3 * ms, 1)
+        row[f"{label(*v)}_speedup"] = round(base / ms, 2)
+        if v[1]:
+            row[f"{label(*v)}_first_call_s"] = round(times[v][0], 1)
+    row["tokens_equal"] = all(torch.equal(outs[v], outs[variants[0]]) for v in variants)
+    return row
 
 
 def main() -> None:
@@ -112,27 +139,41 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts per call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generate.json")
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also with compiled=True (tiny's token_xcorr, batch 1; compiling takes minutes)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # every model here is a new Leviathan, and dynamo counts their graphs against one limit
+    torch._dynamo.config.recompile_limit = 64
 
     runs = [(name, config, mixer, None, None, "slide") for name, config, mixer in CASES]
     runs += [(name, config, mixer, None, 64, "keep 64") for name, config, mixer in CASES]
     runs.append(("token_xcorr W=4 r=1", "tiny.yaml", None, 512, None, "no cut (block 512)"))
     rows = []
-    header = f"{'case':34} {'context':20} {'B':>2} {'uncached ms':>12} {'cached ms':>10}"
-    print(f"{header} {'x':>6}  same", flush=True)
+    names = [label(*v) for v in VARIANTS]
+    print(f"{'case':34} {'context':20} {'B':>2} " + " ".join(f"{n:>17}" for n in names))
     for batch in args.batch:
         for name, config, mixer, block_size, keep, policy in runs:
+            compiled = args.compiled and batch == 1 and name == "token_xcorr W=4 r=1"
+            variants = VARIANTS if compiled else VARIANTS[:2]
             model = build(config, mixer, block_size)
             row = {"case": name, "context": policy, "batch": batch}
             row |= {"block_size": model.cfg.block_size, "context_keep": keep}
             row |= {"can_cache": model.can_cache()}
-            row |= time_pair(model, batch, args.new_tokens, keep, args.repeats)
+            row |= time_variants(model, batch, args.new_tokens, keep, args.repeats, variants)
             rows.append(row)
+            cells = [
+                f"{row[n + '_ms']:9.1f} {row[n + '_speedup']:5.2f}x" if n + "_ms" in row else "-"
+                for n in names
+            ]
             print(
-                f"{name:34} {policy:20} {batch:2} {row['uncached_ms']:12.1f} "
-                f"{row['cached_ms']:10.1f} {row['speedup']:6.2f}  {row['tokens_equal']}",
+                f"{name:34} {policy:20} {batch:2} "
+                + " ".join(f"{c:>17}" for c in cells)
+                + f"  same tokens: {row['tokens_equal']}",
                 flush=True,
             )
     settings = {
@@ -143,6 +184,8 @@ def main() -> None:
         "dtype": "float32",
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "speedup": "uncached eager ms / this variant's ms, same model and policy",
+        "first_call_s": "the warm-up call of a compiled variant, compilation included",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")

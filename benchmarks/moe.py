@@ -271,9 +271,13 @@ def _step(layer, forward, x) -> float:
     for p in layer.parameters():
         p.grad = None
     x.grad = None
+    if x.is_cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     loss, _ = forward(layer, x)
     loss.backward()
+    if x.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -350,8 +354,11 @@ def profile_layer(layer, forward, x, iters: int = 3, top: int = 15) -> dict:
     return {"total_self_ms_per_step": round(total / 1e3 / iters, 2), "top_ops": rows}
 
 
-def build_layers(name: str, T: int, seed: int):
-    """The input and the six layers (name -> (module, forward)) of one (case, T)."""
+def build_layers(
+    name: str, T: int, seed: int, device: str = "cpu", dtype: torch.dtype = torch.float32
+):
+    """The input and the six layers (name -> (module, forward)) of one (case, T), built on
+    the CPU from the seeds (the same weights wherever they run), then moved."""
     d, n_experts, k, mult = CASES[name]
     h = int(round(mult * d))
     torch.manual_seed(seed)
@@ -380,13 +387,16 @@ def build_layers(name: str, T: int, seed: int):
     layers["dense"] = (_mlp(d, k * h), _dense_forward)
     torch.manual_seed(seed + 1)  # ours dropless again, through torch's grouped_mm
     layers["ours_grouped"] = (make_ours(d, n_experts, k, mult, None, "grouped"), _ours_forward)
+    for layer, _ in layers.values():
+        layer.to(device, dtype)
+    x = x.detach().to(device, dtype).requires_grad_(True)
     return x, layers, skipped
 
 
 def run_case(name: str, T: int, args, log) -> dict:
     d, n_experts, k, mult = CASES[name]
     h = int(round(mult * d))
-    x, layers, skipped = build_layers(name, T, args.seed)
+    x, layers, skipped = build_layers(name, T, args.seed, args.device, getattr(torch, args.dtype))
     names = [n for n in LAYERS if n in layers]
     # cross-check: with router and experts copied, the two dropless layers compute the same
     # function for k >= 2 (for k = 1 DeepSpeed weights the output by the top-1 softmax
@@ -563,8 +573,12 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_false",
         help="skip the peak-memory subprocesses",
     )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     ap.add_argument("--memory-worker", nargs=2, metavar=("CASE", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.device == "cuda":  # memory and profiles read this process's CPU side
+        args.memory, args.profile = False, "never"
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -641,6 +655,8 @@ def main(argv: list[str] | None = None) -> dict:
             "repeats": args.repeats,
             "warmup": 2,
             "threads": torch.get_num_threads(),
+            "device": args.device,
+            "dtype": args.dtype,
             "seed": args.seed,
             "deepspeed": {
                 "ep_size": 1,

@@ -8,8 +8,11 @@ twice from the same seed, once eager and once with `apply_compile` (what
 seq_len and micro-batch, side by side in this process. Reported: the time of the first
 compiled step (compilation; seconds when inductor's on-disk cache is warm, 30-40 s
 cold), then the median of `--steps` steps after `--warmup`
-warm-up steps, and compiled / eager. This table is the measurement behind
-`train.compile: auto` (leviathan/train/compiled.py).
+warm-up steps, compiled / eager, and the compiled step's TFLOP/s and MFU (against the
+device's peak at `--precision`; none on a CPU). This table is the measurement behind
+`train.compile: auto` (leviathan/train/compiled.py). On a GPU (benchmarks/gpu_check.sh):
+
+    python benchmarks/train_step.py --device cuda --precision bf16 --configs small.yaml
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import torch  # noqa: E402
 
 from leviathan.config import load_config  # noqa: E402
 from leviathan.model import Leviathan  # noqa: E402
+from leviathan.train import mfu  # noqa: E402
 from leviathan.train.compiled import apply_compile  # noqa: E402
+from leviathan.train.device import autocast  # noqa: E402
 from leviathan.train.optim import build_adamw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,11 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 class Run:
     """One model and optimizer training on fixed random tokens, timed per step."""
 
-    def __init__(self, config: str, compiled: bool, device: str):
+    def __init__(self, config: str, compiled: bool, device: str, precision: str):
         cfg = load_config(ROOT / "configs" / config)
         vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
         self.cfg = replace(cfg.model, vocab_size=vocab)
         self.B, self.T, self.device = cfg.train.micro_batch_size, cfg.train.seq_len, device
+        self.precision = precision
         torch.manual_seed(0)
         self.model = Leviathan(self.cfg).to(device).train()
         if compiled:
@@ -55,7 +61,8 @@ class Run:
 
     def step(self) -> None:
         tick = time.perf_counter()
-        _, loss = self.model(self.idx[:, :-1], self.idx[:, 1:])
+        with autocast(torch.device(self.device), self.precision):
+            _, loss = self.model(self.idx[:, :-1], self.idx[:, 1:])
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -64,14 +71,20 @@ class Run:
         self.times.append(time.perf_counter() - tick)
 
 
-def measure(config: str, device: str, warmup: int, steps: int) -> dict:
+def measure(config: str, device: str, precision: str, warmup: int, steps: int) -> dict:
     """Eager and compiled steps alternated, so load from elsewhere hits both alike."""
-    eager, fast = Run(config, False, device), Run(config, True, device)
+    eager, fast = Run(config, False, device, precision), Run(config, True, device, precision)
     for _ in range(warmup + steps):
         eager.step()
         fast.step()
     eager_ms = 1e3 * statistics.median(eager.times[warmup:])
     compiled_ms = 1e3 * statistics.median(fast.times[warmup:])
+    tokens_per_s = eager.B * eager.T / (compiled_ms / 1e3)
+    flops = mfu.throughput(
+        tokens_per_s,
+        fast.model.flops_per_token(fast.T),
+        mfu.peak_flops(device, precision),
+    )
     return {
         "config": config,
         "mixer": eager.cfg.mixer.kind,
@@ -81,6 +94,9 @@ def measure(config: str, device: str, warmup: int, steps: int) -> dict:
         "compiled_ms": round(compiled_ms, 1),
         "compiled_over_eager": round(compiled_ms / eager_ms, 3),
         "first_compiled_step_s": round(fast.times[0], 1),
+        "compiled_tokens_per_s": round(tokens_per_s),
+        "compiled_tflops": round(flops["flops_per_s"] / 1e12, 3),
+        "compiled_mfu": round(flops["mfu"], 4) if "mfu" in flops else None,
     }
 
 
@@ -89,6 +105,7 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=["tiny.yaml", "tiny-dot.yaml"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--out", type=Path)
@@ -97,20 +114,26 @@ def main() -> None:
     rows = []
     print(
         f"{'config':<20}{'mixer':<13}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}"
-        f"{'compile s':>11}"
+        f"{'compile s':>11}{'TFLOP/s':>9}{'MFU':>7}"
     )
     for config in args.configs:
-        row = measure(config, args.device, args.warmup, args.steps)
+        row = measure(config, args.device, args.precision, args.warmup, args.steps)
+        mfu_text = "-" if row["compiled_mfu"] is None else f"{100 * row['compiled_mfu']:.1f}%"
         rows.append(row)
         print(
             f"{config:<20}{row['mixer']:<13}{row['eager_ms']:>10.1f}{row['compiled_ms']:>13.1f}"
             f"{row['compiled_over_eager']:>7.3f}{row['first_compiled_step_s']:>11.1f}"
+            f"{row['compiled_tflops']:>9.3f}{mfu_text:>7}"
         )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "torch": torch.__version__,
             "device": args.device,
+            "device_name": mfu.device_name(args.device),
+            "precision": args.precision,
+            "mfu": "of the compiled step: 3 x forward FLOPs/token x tokens/s over the device's "
+            "peak at this precision (leviathan/train/mfu.py)",
             "threads": args.threads,
             "cpu": platform.processor() or platform.machine(),
             "warmup": args.warmup,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
 from leviathan.distributed.world import leave_world
-from leviathan.errors import Interrupted, LeviathanError
+from leviathan.errors import ConfigError, Interrupted, LeviathanError
 
 if TYPE_CHECKING:
     from leviathan.config import Config
@@ -121,6 +121,8 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"final val BPC {summary.val_bpc:.4f} "
             f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
         )
+    if summary.heldout_bpc is not None:
+        print(f"final heldout BPC {summary.heldout_bpc:.4f} (whole documents never trained on)")
     print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
 
 
@@ -141,18 +143,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"{len(docs):,} document(s) ({result.tokens:,} tokens)"
         )
         return
-    result = run.evaluate(data_dir=args.data_dir)
-    print(
-        f"step {run.step}: val loss {result.loss:.4f} nats/token, "
-        f"val BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
-    )
+    splits = ["val"] + (["heldout"] if "heldout" in run.dataset(args.data_dir).splits else [])
+    for split in splits:
+        result = run.evaluate(data_dir=args.data_dir, split=split)
+        print(
+            f"step {run.step}: {split} loss {result.loss:.4f} nats/token, "
+            f"{split} BPC {result.bpc:.4f} ({result.tokens:,} tokens)"
+        )
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from leviathan.run import load_run
 
     run = load_run(args.run, args.checkpoint)
-    print(run.sample(args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    keep, block = args.context_keep, run.model.cfg.block_size
+    if keep is not None and keep > block:
+        raise ConfigError(f"--context-keep: at most the model's block_size={block}, got {keep}")
+    generate = {"context_keep": keep, "compiled": args.compile}
+    print(
+        run.sample(
+            args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, **generate
+        )
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -301,6 +313,19 @@ def build_parser() -> argparse.ArgumentParser:
                 help="sample among the K likeliest tokens (default 200)",
             )
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument(
+                "--context-keep",
+                type=bounded(int, 1, "a number of tokens >= 1"),
+                help="past block_size, cut the context to its last N tokens (default "
+                "block_size: a sliding window, which refills the cache at every token; "
+                "block_size/2 refills it once per block_size/2 tokens)",
+            )
+            p.add_argument(
+                "--compile",
+                action="store_true",
+                help="compile the cached one-token step (torch.compile; pays for long "
+                "generations: the first compile takes tens of seconds on a CPU)",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser(

@@ -54,6 +54,10 @@ class DataConfig:
     inputs: list[str] = field(default_factory=list)  # empty: the bundled Shakespeare corpus
     dir: str = "data/shakespeare"
     val_fraction: float = 0.05
+    # whole documents held out in their own split, `heldout` (never trained on, nor seen by
+    # the tokenizer): a count N (N documents spread evenly over the corpus) or a list of
+    # names, basenames or globs of them; 0 = none
+    val_documents: int | list[str] = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     text_field: str = "text"  # the JSONL field / Parquet column holding the text
     workers: int = 0  # encoding processes of `prepare`; 0 = every core
@@ -340,6 +344,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.val_fraction: must be in [0, 1) (0: no validation split), got {d.val_fraction}"
         )
+    if isinstance(d.val_documents, int) and d.val_documents < 0:
+        raise ConfigError(f"data.val_documents: must be >= 0 or a list, got {d.val_documents}")
+    if isinstance(d.val_documents, list) and not all(d.val_documents):
+        raise ConfigError(f"data.val_documents: empty name in {d.val_documents}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
     if t.seq_len > m.block_size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,28 +36,34 @@ class Run:
         temperature: float = 0.8,
         top_k: int | None = 200,
         seed: int = 0,
+        **generate: Any,
     ) -> str:
+        """`sample_text` with this run's model; `generate`: `Leviathan.generate` options."""
         return sample_text(
-            self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed
+            self.model, self.tokenizer, prompt, max_new_tokens, temperature, top_k, seed, **generate
         )
 
     def dataset(self, data_dir: str | Path | None = None) -> DataIndex:
         """The dataset the run was trained on (see `run_dataset`), from any directory."""
         return run_dataset(self.dir, self.config.data.dir, data_dir)
 
-    def evaluate(self, batch_size: int = 16, data_dir: str | Path | None = None) -> EvalResult:
-        """Loss and BPC on the whole validation split the run was trained against
-        (`data_dir`: that dataset moved elsewhere)."""
+    def evaluate(
+        self, batch_size: int = 16, data_dir: str | Path | None = None, split: str = "val"
+    ) -> EvalResult:
+        """Loss and BPC on a whole split of the dataset the run was trained against: "val"
+        (the documents' tails) or "heldout" (data.val_documents); `data_dir`: that dataset
+        moved elsewhere."""
         index = self.dataset(data_dir)
-        val = index.splits["val"]
-        if val["tokens"] < 2:
+        stats = index.splits.get(split)
+        if stats is None or stats["tokens"] < 2:
+            why = "data.val_fraction=0" if split == "val" else "no data.val_documents"
             raise DataError(
-                f"{index.dir} has no validation split (data.val_fraction=0): score text "
-                "with `leviathan eval --data PATH`"
+                f"{index.dir} has no {split} split ({why}): score text with "
+                "`leviathan eval --data PATH`"
             )
-        tokens = load_tokens(index.dir, "val")
+        tokens = load_tokens(index.dir, split)
         seq_len = self.config.train.seq_len
-        return evaluate(self.model, tokens, seq_len, batch_size, val["characters"])
+        return evaluate(self.model, tokens, seq_len, batch_size, stats["characters"])
 
     def evaluate_documents(self, docs: list[Document], batch_size: int = 16) -> EvalResult:
         """Loss and exact BPC on any documents (see `read_documents`), tokenised with the

@@ -483,3 +483,80 @@ def test_prepare_bundled_corpus(tmp_path):
     assert tok.decode(first) == docs[0].text[split_point(docs[0].text, 0.05) :]
     x, y = get_batch(load_tokens(index.dir, "train"), 64, 4, 0, 0)
     assert x.shape == (4, 64) and int(x.max()) < 512
+
+
+# ---------------------------------------------------------------- held-out documents
+
+
+def split_texts(index: DataIndex, split: str) -> list[str]:
+    tok = index.tokenizer()
+    tokens = np.asarray(load_tokens(index.dir, split))
+    return [tok.decode(p) for p in parts_between_eos(tokens, tok.eos_id)]
+
+
+@pytest.mark.parametrize(
+    "val_documents,held",
+    [
+        (["doc02.txt", "*/sub/doc05.txt"], [2, 5]),  # a basename and a glob on the path
+        (2, [2, 3]),  # two of six, spread: positions 1 and 4, the middles of [0, 3), [3, 6)
+    ],
+    ids=["named", "count"],
+)
+def test_val_documents_are_held_out_whole(corpus, tmp_path, val_documents, held):
+    cfg = DataCfg(inputs=[str(corpus)], dir=str(tmp_path / "ds"))
+    cfg.val_documents = val_documents
+    index = prepare(cfg, log=lambda _: None)
+    docs = read_documents(cfg.inputs)
+    names = [Path(d.name).name for d in docs]
+    assert names == [f"doc{i:02d}.txt" for i in (0, 2, 4, 1, 3, 5)]  # folder order: top first
+    held_docs = [d for d in docs if int(Path(d.name).stem[3:]) in held]
+    kept = [d for d in docs if d not in held_docs]
+    assert split_texts(index, "heldout") == [d.text for d in held_docs]  # whole, in order
+    assert index.meta["heldout_documents"] == [d.name for d in held_docs]
+    # the others split as without held-out documents; none of the held-out text elsewhere
+    cuts = [split_point(d.text, cfg.val_fraction) for d in kept]
+    assert split_texts(index, "train") == [d.text[:c] for d, c in zip(kept, cuts, strict=True)]
+    assert split_texts(index, "val") == [d.text[c:] for d, c in zip(kept, cuts, strict=True)]
+    assert index.splits["heldout"]["documents"] == 2
+    assert index.splits["heldout"]["characters"] == sum(len(d.text) for d in held_docs)
+
+
+def test_val_documents_leave_the_tokenizer_sample(corpus):
+    from leviathan.data.prepare import scan
+
+    docs = read_documents([str(corpus)])
+    sources = [(str(corpus), docs)]
+    plain = scan(sources, {}, 0.1, 10_000_000, "corpus")
+    held = scan(sources, {}, 0.1, 10_000_000, "corpus", ["doc00.txt"])
+    assert held.heldout == {0} and plain.heldout == frozenset()
+    assert (
+        "".join(held.sample)
+        == "".join(plain.sample)[len(docs[0].text[: split_point(docs[0].text, 0.1)]) :]
+    )
+
+
+def test_val_documents_errors_name_the_key(corpus, tmp_path):
+    cfg = DataCfg(inputs=[str(corpus)], dir=str(tmp_path / "ds"))
+    cfg.val_documents = ["doc00.txt", "hamlet.txt"]
+    with pytest.raises(DataError, match=r"data.val_documents: no document .* \['hamlet.txt'\]"):
+        prepare(cfg, log=lambda _: None)
+    cfg.val_documents = 6
+    with pytest.raises(DataError, match="data.val_documents: 6 of the 6 document"):
+        prepare(cfg, log=lambda _: None)
+    assert not (tmp_path / "ds").exists()
+    from leviathan.config import load_config
+
+    with pytest.raises(ConfigError, match="data.val_documents: must be >= 0"):
+        load_config(None, ["data.val_documents=-1"])
+    with pytest.raises(ConfigError, match="data.val_documents"):
+        load_config(None, ["data.val_documents=half"])
+
+
+def test_val_documents_change_rebuilds(prepared, tmp_path):
+    cfg, index = prepared
+    other = DataCfg(inputs=cfg.inputs, dir=str(tmp_path / "ds"))
+    first = prepare(other, log=lambda _: None)
+    assert first.fingerprint == index.fingerprint and "heldout" not in first.splits
+    other.val_documents = 1
+    second = prepare(other, log=lambda _: None)
+    assert second.fingerprint != first.fingerprint and "heldout" in second.splits

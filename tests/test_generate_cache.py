@@ -209,3 +209,40 @@ def test_context_keep_is_checked():
     for keep in (0, BLOCK + 1):
         with pytest.raises(ValueError, match="context_keep"):
             model.generate(torch.tensor([[1]]), 2, context_keep=keep)
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager_in_few_graphs():
+    """generate(compiled=True): the eager tokens, a bounded number of graphs (a static one,
+    then one with the length symbolic) over every length and refills, the eager logits."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = model_of("token_xcorr-3x2-r2", dtype=torch.float32)
+    prompt = torch.randint(0, VOCAB, (1, 3), generator=torch.Generator().manual_seed(3))
+    kwargs = {"temperature": 0, "context_keep": BLOCK // 2}
+    eager = model.generate(prompt, 2 * BLOCK, **kwargs)
+    try:
+        out = model.generate(prompt, 2 * BLOCK, compiled=True, **kwargs)
+        frames = counters["frames"]["ok"]
+        again = model.generate(prompt, BLOCK, compiled=True, **kwargs)
+        assert counters["frames"]["ok"] == frames  # a second call reuses the graphs
+        assert not counters["graph_break"]
+        # the logits of compiled steps against eager ones, on the same tokens
+        step, caches = torch.compile(model), [model.new_cache(), model.new_cache()]
+        with torch.no_grad():
+            for cache in caches:
+                model(out[:, :4], cache=cache)
+            for t in range(4, BLOCK):
+                token = out[:, t : t + 1].clone(memory_format=torch.contiguous_format)
+                fast, _ = step(token, cache=caches[0])
+                plain, _ = model(out[:, t : t + 1], cache=caches[1])
+                torch.testing.assert_close(fast, plain, rtol=0, atol=1e-5)
+        assert counters["frames"]["ok"] == frames
+    finally:
+        torch._dynamo.reset()
+    assert len(out[:, 3:].unique()) > 5
+    assert torch.equal(out, eager)
+    assert torch.equal(again, eager[:, : 3 + BLOCK])
+    assert 1 <= frames <= 3

@@ -161,6 +161,7 @@ def test_cli_prepare_train_eval_sample(corpus, tmp_path):
         f"data.inputs=[{corpus}]",
         "data.dir=prepared",
         "data.tokenizer.vocab_size=384",
+        "data.val_documents=1",  # the middle of the three plays, held out whole
         "model.n_layer=2",
         "model.d_model=32",
         "model.block_size=32",
@@ -179,17 +180,33 @@ def test_cli_prepare_train_eval_sample(corpus, tmp_path):
     trained = cli("train", "--wandb", "disabled", *overrides, cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     bpc = float(trained.stdout.split("final val BPC ")[1].split()[0])
+    heldout_bpc = float(trained.stdout.split("final heldout BPC ")[1].split()[0])
     assert "unigram baseline of this tokenizer" in trained.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["heldout_bpc"] == pytest.approx(heldout_bpc, abs=1e-4)
 
     evaluated = cli("eval", "--run", "run", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert float(evaluated.stdout.split("val BPC ")[1].split()[0]) == pytest.approx(bpc, abs=1e-4)
+    scored = float(evaluated.stdout.split("heldout BPC ")[1].split()[0])
+    assert scored == pytest.approx(heldout_bpc, abs=1e-4) and scored != pytest.approx(bpc, abs=1e-3)
 
     sampled = cli(
         "sample", "--run", "run", "--prompt", "KING", "--max-new-tokens", "12", cwd=tmp_path
     )
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("KING") and len(sampled.stdout) > len("KING")
+
+    # past block_size with a cut context, greedy: the compiled cached steps give the same text
+    greedy = ["sample", "--run", "run", "--prompt", "KING", "--max-new-tokens", "40"]
+    greedy += ["--temperature", "0", "--context-keep", "16"]
+    texts = [cli(*greedy, *extra, cwd=tmp_path) for extra in ([], ["--compile"])]
+    assert all(t.returncode == 0 for t in texts), [t.stderr for t in texts]
+    assert texts[0].stdout == texts[1].stdout and len(texts[0].stdout) > len(sampled.stdout)
+    for bad in ("0", "33"):  # block_size is 32
+        refused = cli(*greedy[:-1], bad, cwd=tmp_path)
+        assert refused.returncode == 2 and "--context-keep" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 def test_cli_reports_errors_without_traceback(tmp_path):

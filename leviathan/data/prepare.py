@@ -34,6 +34,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import fnmatch
 import gc
 import hashlib
 import heapq
@@ -63,6 +64,7 @@ from leviathan.data.documents import (
 )
 from leviathan.data.shards import (
     FORMAT,
+    HELDOUT,
     INDEX_FILE,
     SPLITS,
     TOKENIZER_FILE,
@@ -97,12 +99,23 @@ def fallback_start(lengths: list[int] | array.array, val_fraction: float, first_
     return len(lengths) - k
 
 
-def document_parts(text: str, index: int, val_fraction: float, fallback: int | None):
-    """(train part, val part) of document number `index`; either may be empty."""
-    if fallback is not None:
-        return ("", text) if index >= fallback else (text, "")
-    cut = split_point(text, val_fraction)
-    return text[:cut], text[cut:]
+def document_parts(
+    text: str,
+    index: int,
+    val_fraction: float,
+    fallback: int | None,
+    heldout: frozenset[int] = frozenset(),
+) -> dict[str, str]:
+    """The parts of document number `index` by split (empty parts left out): a held-out
+    document goes whole to `heldout`, any other gives train its head and val its tail."""
+    if index in heldout:
+        parts = {HELDOUT: text}
+    elif fallback is not None:
+        parts = {"val": text} if index >= fallback else {"train": text}
+    else:
+        cut = split_point(text, val_fraction)
+        parts = {"train": text[:cut], "val": text[cut:]}
+    return {split: part for split, part in parts.items() if part}
 
 
 def split_documents(
@@ -118,9 +131,9 @@ def split_documents(
     train: list[Document] = []
     val: list[Document] = []
     for i, doc in enumerate(docs):
-        a, b = document_parts(doc.text, i, val_fraction, fallback)
-        train += [Document(doc.name, a)] if a else []
-        val += [Document(doc.name, b)] if b else []
+        parts = document_parts(doc.text, i, val_fraction, fallback)
+        train += [Document(doc.name, parts["train"])] if "train" in parts else []
+        val += [Document(doc.name, parts["val"])] if "val" in parts else []
     return train, val, fallback is not None
 
 
@@ -141,10 +154,13 @@ class CharSample:
         while self.held > self.budget:
             self.held -= len(heapq.heappop(self.heap)[3])
 
-    def chunks(self, below: int | None = None) -> list[str]:
-        """The sample in corpus order (documents numbered `below` and on left out)."""
+    def chunks(
+        self, below: int | None = None, leave_out: frozenset[int] = frozenset()
+    ) -> list[str]:
+        """The sample in corpus order, without the documents numbered `below` and on, nor
+        those in `leave_out`."""
         kept = sorted(self.heap, key=lambda item: item[1])
-        return [c for _, _, d, c in kept if below is None or d < below]
+        return [c for _, _, d, c in kept if (below is None or d < below) and d not in leave_out]
 
 
 @dataclass
@@ -157,6 +173,7 @@ class Scan:
     characters: int
     fallback: int | None  # first document going to validation whole, or None
     sample: list[str] = field(repr=False)  # the tokenizer's training chunks
+    heldout: frozenset[int] = frozenset()  # documents held out whole (data.val_documents)
 
     @property
     def sample_chars(self) -> int:
@@ -169,15 +186,20 @@ def scan(
     val_fraction: float,
     sample_chars: int,
     source: str,
+    val_documents: int | list[str] = 0,
 ) -> Scan:
     """Pass 1 over the documents of each (file, documents): fingerprint (sha256 of the
-    settings and the texts in order, names excluded), counts, split and the tokenizer's
-    seeded reservoir sample of at most `sample_chars` characters of training text."""
+    settings and the texts in order, names excluded), counts, split, the held-out
+    documents and the tokenizer's seeded reservoir sample of at most `sample_chars`
+    characters of training text."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    lengths = array.array("q")
+    lengths, cuts = array.array("q"), array.array("q")
     files: list[tuple[str, int]] = []
     sample = CharSample(sample_chars)
-    any_val, train_parts, first_name = False, 0, ""
+    patterns = val_documents if isinstance(val_documents, list) else []
+    named: set[int] = set()  # documents that match a pattern
+    matched: set[str] = set()
+    first_name = ""
     for path, docs in sources:
         before = len(lengths)
         for doc in docs:
@@ -187,22 +209,53 @@ def scan(
             first_name = first_name or doc.name
             number = len(lengths)
             lengths.append(len(doc.text))
-            cut = split_point(doc.text, val_fraction)
-            any_val |= cut < len(doc.text)
-            train_parts += cut > 0
-            for chunk in training_chunks([doc.text[:cut]]) if sample_chars else ():
+            cuts.append(split_point(doc.text, val_fraction))
+            hits = [p for p in patterns if _names_document(p, doc.name)]
+            if hits:
+                named.add(number)
+                matched.update(hits)
+            for chunk in training_chunks([doc.text[: cuts[-1]]]) if sample_chars else ():
                 sample.add(number, chunk)
         files.append((path, len(lengths) - before))
     if not lengths:
         raise empty_corpus(source)
+    if unmatched := [p for p in patterns if p not in matched]:
+        raise DataError(f"data.val_documents: no document of {source} is named {unmatched}")
+    heldout = frozenset(named if patterns else _spread(int(val_documents), len(lengths), source))
+    kept = [i for i in range(len(lengths)) if i not in heldout]
+    train_parts = sum(cuts[i] > 0 for i in kept)
     fallback = None
-    if not any_val and val_fraction > 0:
+    if val_fraction > 0 and all(cuts[i] == lengths[i] for i in kept):
         fallback = fallback_start(lengths, val_fraction, first_name)
-        train_parts = fallback
+        train_parts = sum(i < fallback for i in kept)
     if not train_parts:
-        raise DataError("the training split is empty; lower data.val_fraction or add text")
-    chunks = sample.chunks(below=fallback)
-    return Scan(h.hexdigest(), files, len(lengths), sum(lengths), fallback, chunks)
+        raise DataError(
+            "the training split is empty; lower data.val_fraction, hold out fewer "
+            "data.val_documents or add text"
+        )
+    chunks = sample.chunks(below=fallback, leave_out=heldout)
+    return Scan(h.hexdigest(), files, len(lengths), sum(lengths), fallback, chunks, heldout)
+
+
+def _names_document(pattern: str, name: str) -> bool:
+    """A data.val_documents entry names a document by its name, its basename or a glob."""
+    base = os.path.basename(name)
+    return (
+        pattern in (name, base)
+        or fnmatch.fnmatchcase(name, pattern)
+        or (fnmatch.fnmatchcase(base, pattern))
+    )
+
+
+def _spread(count: int, documents: int, source: str) -> set[int]:
+    """`count` document numbers spread evenly over `documents` (the middle of each of
+    `count` equal stretches): a held-out set that no corpus order favours."""
+    if count and count >= documents:
+        raise DataError(
+            f"data.val_documents: {count} of the {documents} document(s) of {source} would "
+            "leave nothing to train on"
+        )
+    return {int((i + 0.5) * documents / count) for i in range(count)}
 
 
 @dataclass(frozen=True)
@@ -214,9 +267,11 @@ class Plan:
     model: bytes
     dtype: str
     check_all: bool = False
+    heldout: frozenset[int] = frozenset()  # documents going whole to the heldout split
 
 
-Encoded = dict[str, list[tuple[np.ndarray, int, int]]]  # split -> (ids, characters, bytes)
+# split -> (ids, characters, bytes, document name) of each part, in corpus order
+Encoded = dict[str, list[tuple[np.ndarray, int, int, str]]]
 _TOKENIZERS: dict[bytes, Tokenizer] = {}
 
 
@@ -234,17 +289,13 @@ def encode_batch(plan: Plan, first: int, docs: list[Document], num_threads: int 
     tok = plan_tokenizer(plan)
     names, texts, splits = [], [], []
     for i, doc in enumerate(docs):
-        for split, part in zip(
-            SPLITS,
-            document_parts(doc.text, first + i, plan.val_fraction, plan.fallback),
-            strict=True,
-        ):
-            if part:
-                names.append(doc.name)
-                texts.append(part)
-                splits.append(split)
+        parts = document_parts(doc.text, first + i, plan.val_fraction, plan.fallback, plan.heldout)
+        for split, part in parts.items():
+            names.append(doc.name)
+            texts.append(part)
+            splits.append(split)
     ids = tok.encode_arrays(texts, np.dtype(plan.dtype), num_threads)
-    out: Encoded = {s: [] for s in SPLITS}
+    out: Encoded = {s: [] for s in plan_splits(plan)}
     for k, (name, text, split) in enumerate(zip(names, texts, splits, strict=True)):
         if plan.check_all:
             exact = tok.decode(ids[k]) == text
@@ -255,13 +306,18 @@ def encode_batch(plan: Plan, first: int, docs: list[Document], num_threads: int 
                 f"the tokenizer does not reproduce {name} exactly (decode(encode(text)) "
                 "differs); use a model trained by `leviathan prepare`"
             )
-        out[split].append((ids[k], len(text), len(text.encode("utf-8"))))
+        out[split].append((ids[k], len(text), len(text.encode("utf-8")), name))
     return out
 
 
 def _piece_round_trips(tok: Tokenizer, text: str, ids: np.ndarray) -> bool:
     piece = next(word_pieces(text))
     return tok.decode(ids[: len(tok.encode(piece))]) == piece
+
+
+def plan_splits(plan: Plan) -> tuple[str, ...]:
+    """The splits a dataset of this plan has: train, val, and heldout when asked for."""
+    return SPLITS + ((HELDOUT,) if plan.heldout else ())
 
 
 def _encode_job(job: tuple[Plan, int, list[Document]]) -> Encoded:
@@ -358,6 +414,7 @@ def prepare(
     batch_chars = int(getattr(cfg, "batch_chars", default.batch_chars))
     sample_chars = int(getattr(tcfg, "sample_chars", default.tokenizer.sample_chars))
     workers = int(getattr(cfg, "workers", default.workers)) or available_cores()
+    val_documents = getattr(cfg, "val_documents", default.val_documents)
     for key, value in {
         "data.shard_tokens": shard_tokens,
         "data.batch_chars": batch_chars,
@@ -387,6 +444,7 @@ def prepare(
     settings = {
         "format": FORMAT,
         "val_fraction": val_fraction,
+        **({"val_documents": val_documents} if val_documents else {}),
         "text_field": text_field,
         "shard_tokens": shard_tokens,
         "tokenizer": (
@@ -400,7 +458,8 @@ def prepare(
             }
         ),
     }
-    corpus = scan(sources(), settings, val_fraction, 0 if model_bytes else sample_chars, source)
+    sample = 0 if model_bytes else sample_chars
+    corpus = scan(sources(), settings, val_fraction, sample, source, val_documents)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock(target, log):
@@ -434,6 +493,7 @@ def prepare(
                     tok.model_proto,
                     token_dtype(tok.vocab_size).name,
                     check_all,
+                    corpus.heldout,
                 )
                 if local:
                     docs = (d for _, file_docs in sources() for d in file_docs)
@@ -443,13 +503,16 @@ def prepare(
 
                     log(f"encoding {len(corpus.files)} file(s) with Ray Data at {ray_address}")
                     encoded = encode_files(ray_address, corpus.files, plan, text_field)
-                stats = _write_splits(tmp, encoded, tok, shard_tokens)
+                stats, heldout = _write_splits(tmp, encoded, tok, shard_tokens, plan_splits(plan))
             if sum(s["characters"] for s in stats.values()) != corpus.characters:
                 raise DataError(f"{source} changed while being prepared; run prepare again")
             meta = _index_meta(tok, stats, corpus)
+            if heldout:
+                meta["heldout_documents"] = heldout
             meta["config"] = {
                 "inputs": inputs,
                 "val_fraction": val_fraction,
+                "val_documents": val_documents,
                 "text_field": text_field,
                 "shard_tokens": shard_tokens,
                 "tokenizer": {
@@ -501,15 +564,22 @@ def _tokenizer(
 
 
 def _write_splits(
-    tmp: Path, encoded: Iterable[Encoded], tok: Tokenizer, shard_tokens: int
-) -> dict[str, dict[str, Any]]:
+    tmp: Path,
+    encoded: Iterable[Encoded],
+    tok: Tokenizer,
+    shard_tokens: int,
+    splits: tuple[str, ...],
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each split's totals and shards, and the names of the held-out documents."""
     dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(tmp, s, dtype, tok.eos_id, shard_tokens) for s in SPLITS}
+    writers = {s: ShardWriter(tmp, s, dtype, tok.eos_id, shard_tokens) for s in splits}
+    heldout: list[str] = []
     for batch in encoded:
         for split, parts in batch.items():
-            for ids, characters, nbytes in parts:
+            for ids, characters, nbytes, name in parts:
                 writers[split].add(ids, characters, nbytes)
-    return {s: w.close() for s, w in writers.items()}
+                heldout += [name] if split == HELDOUT else []
+    return {s: w.close() for s, w in writers.items()}, heldout
 
 
 def _index_meta(tok: Tokenizer, stats: dict[str, Any], corpus: Scan) -> dict[str, Any]:

@@ -37,8 +37,9 @@ INDEX_FILE = "index.json"
 TOKENIZER_FILE = "tokenizer.model"
 DATASET_RECORD = "dataset.json"  # in a run folder: the dataset it was trained on
 SPLITS = ("train", "val")
+HELDOUT = "heldout"  # the whole documents of data.val_documents, when there are any
 SPLIT_KEYS = ("tokens", "characters", "bytes", "documents")
-SHARD_NAME = re.compile(r"(train|val)(-\d{5})?\.bin")
+SHARD_NAME = re.compile(r"(train|val|heldout)(-\d{5})?\.bin")
 
 
 def is_dataset_file(name: str) -> bool:
@@ -146,8 +147,8 @@ def load_index(directory: str | os.PathLike) -> DataIndex:
             got = meta.get("format")
             raise missing(directory, f"{INDEX_FILE} has format {got!r}, not {FORMAT}")
         splits = {s: {k: int(v[k]) for k in SPLIT_KEYS} for s, v in meta["splits"].items()}
-        if set(splits) != set(SPLITS):
-            raise ValueError(f"splits are {sorted(splits)}, not {list(SPLITS)}")
+        if set(splits) - {HELDOUT} != set(SPLITS):
+            raise ValueError(f"splits are {sorted(splits)}, not {list(SPLITS)} (+ {HELDOUT})")
         shards = {
             s: [
                 {"file": str(x["file"]), **{k: int(x[k]) for k in SPLIT_KEYS}}
@@ -177,7 +178,7 @@ def load_index(directory: str | os.PathLike) -> DataIndex:
         raise missing(directory, f"{INDEX_FILE} is corrupt ({type(e).__name__}: {e})") from None
     if not index.tokenizer_path.is_file():
         raise missing(directory, f"{TOKENIZER_FILE} is missing")
-    for split in SPLITS:
+    for split in shards:
         for shard in shards[split]:
             file = directory / shard["file"]
             want = shard["tokens"] * itemsize

@@ -49,7 +49,8 @@ class LayerCache:
         past = self._history.get(name)
         if keep > 0:
             full = x if past is None else torch.cat([past, x], dim=2)
-            self._history[name] = full[:, :, -keep:]
+            # standard strides whatever full was (a compiled step guards on them)
+            self._history[name] = full[:, :, -keep:].clone(memory_format=torch.contiguous_format)
         return past
 
 

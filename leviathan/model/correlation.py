@@ -22,8 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leviathan.model.chunked import chunked_causal_attention
+
 __all__ = [
     "causal_lag_stack",
+    "causal_depthwise_conv",
     "lag_kernel",
     "circulant_keys",
     "dot_scores",
@@ -38,6 +41,19 @@ __all__ = [
 
 
 # --- building blocks ---------------------------------------------------------------
+
+
+def _lag_views(x: Tensor, width: int, history: Tensor | None) -> list[Tensor]:
+    """x (B, H, T, d) delayed by a = 0..width-1 positions: views of one left-padded copy,
+    `history` (the h <= width-1 positions before x) or zeros shifted in."""
+    T = x.shape[2]
+    past = 0 if history is None else history.shape[2]
+    if past > width - 1:
+        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
+    if past:
+        x = torch.cat([history, x], dim=2)
+    padded = F.pad(x, (0, 0, width - 1 - past, 0))
+    return [padded[:, :, width - 1 - a : width - 1 - a + T] for a in range(width)]
 
 
 def causal_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = None) -> Tensor:
@@ -56,17 +72,20 @@ def causal_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = None) 
     B, H, T, d = x.shape
     if H != n_head:
         raise ValueError(f"weights have {n_head} heads, x has {H}")
-    past = 0 if history is None else history.shape[2]
-    if past > width - 1:
-        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
-    if past:
-        x = torch.cat([history, x], dim=2)
-    padded = F.pad(x, (0, 0, width - 1 - past, 0)).unsqueeze(2)  # (B, H, 1, T+W-1, d)
-    y = sum(
-        weights[:, :, a, None, None] * padded[:, :, :, width - 1 - a : width - 1 - a + T]
-        for a in range(width)
-    )  # (B, H, r, T, d)
-    return y.transpose(2, 3).reshape(B, H, T, rank * d)
+    views = _lag_views(x, width, history)
+    y = sum(weights[:, :, a, None, None] * v.unsqueeze(2) for a, v in enumerate(views))
+    return y.transpose(2, 3).reshape(B, H, T, rank * d)  # (B, H, r, T, d) -> (B, H, T, r*d)
+
+
+def causal_depthwise_conv(x: Tensor, weights: Tensor, history: Tensor | None = None) -> Tensor:
+    """Causal convolution of each channel of x along time with its own filter (Primer's
+    depthwise convolution): x (B, H, T, d), weights (H, d, K), ``weights[h, c, a]``
+    multiplies lag a of channel c of head h; ``y[..., i, c] = sum_a w[c, a] x[..., i-a, c]``.
+    A filter equal to e_0 returns x bit for bit. history: as for `causal_lag_stack`."""
+    if weights.shape[:2] != x.shape[1::2]:
+        raise ValueError(f"weights {tuple(weights.shape)} do not fit x {tuple(x.shape)}")
+    views = _lag_views(x, weights.shape[2], history)
+    return sum(weights[None, :, None, :, a] * v for a, v in enumerate(views))
 
 
 def lag_kernel(f: Tensor, g: Tensor) -> Tensor:
@@ -145,12 +164,19 @@ def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> 
 def _sdpa(
     q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float, mask: Tensor | None = None
 ) -> Tensor:
-    """SDPA, causal unless a boolean `mask` is given. The fused CPU kernel wants equal
-    q/k/v widths (else it falls back to the math path: ~3x slower, ~3x the memory at
-    T=4096), so a V narrower than q (the lag stack's r*d) is zero-padded to q's width and
-    the output sliced back to V's."""
+    """SDPA, causal unless a boolean `mask` is given, for a V as wide as q or narrower (the
+    lag stack's q and k are r*d wide, V is d).
+
+    A narrower V: on CUDA SDPA takes it as it is (the memory-efficient kernel accepts any
+    V width). The fused CPU kernel wants equal widths (else the math path: ~3x the time
+    and memory at T=4096), so on CPU the causal case runs `chunked_causal_attention`,
+    d wide in P @ V; what it does not cover (dropout, a mask, half precision) gets V
+    zero-padded to q's width and the output sliced back.
+    """
     d, width = v.shape[-1], q.shape[-1]
-    if width != d:
+    if width != d and v.device.type == "cpu":
+        if mask is None and dropout_p == 0.0 and v.dtype in (torch.float32, torch.float64):
+            return chunked_causal_attention(q, k, v, scale)
         v = F.pad(v, (0, width - d))
     y = F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None, scale=scale
@@ -204,7 +230,7 @@ def token_xcorr_attention(
 
     Fast path: Q~ = [f_1 * q, ..., f_r * q] and K~ likewise (causal filters, r*d wide), so
     <Q~_i, K~_j> = sum_ab w_ab <q_{i-a}, k_{j-b}> and SDPA does the rest. The scale stays
-    1/sqrt(d), not 1/sqrt(r*d); `_sdpa` zero-pads V to r*d for the fused kernel.
+    1/sqrt(d), not 1/sqrt(r*d); V stays d wide (`_sdpa`).
     """
     if f.shape[:2] != g.shape[:2]:
         raise ValueError(f"f {tuple(f.shape)} and g {tuple(g.shape)} differ in heads or rank")

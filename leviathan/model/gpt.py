@@ -5,7 +5,7 @@ channel pair of q and k by a position-dependent angle, so the channel axis would
 position and the channel-lag mixer would correlate rotated channel pairs of different
 frequencies. With learned positions q and k stay pure content signals, every mixer's
 score is exactly the lagged inner product DESIGN.md section 2 defines, and token_xcorr at
-its delta kernel is bit-for-bit the `dot` baseline.
+its delta kernel is the `dot` baseline (bit for bit at rank 1).
 
 Generation is cached (`generate`, `forward(idx, cache=...)`, `leviathan.model.cache`):
 the prompt runs once, then each new token is one position's work against the cached keys.
@@ -170,6 +170,7 @@ class Leviathan(nn.Module):
         *,
         use_cache: bool = True,
         context_keep: int | None = None,
+        compiled: bool = False,
     ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `prompt` (B, T); temperature 0 is greedy.
 
@@ -186,12 +187,20 @@ class Leviathan(nn.Module):
         uncached there); `context_keep=block_size // 2` refills once per block_size // 2
         tokens. Both paths give the same tokens and logits for any `context_keep`
         (use_cache=False is the oracle the tests hold the cache to).
+
+        compiled: the cached one-token steps run under `torch.compile` with automatic
+        dynamic shapes: a few graphs whatever the length (the first static, then one with
+        the cache length symbolic), no graph breaks; prefills and the uncached loop stay
+        eager. A step then sheds most of its eager Python overhead, but the first compile
+        takes tens of seconds on a CPU: worth it for long or repeated generation
+        (benchmarks/generate.py has the figures).
         """
         block = self.cfg.block_size
         keep = block if context_keep is None else context_keep
         if not 1 <= keep <= block:
             raise ValueError(f"context_keep: must be between 1 and block_size={block}, got {keep}")
         use_cache = use_cache and self.can_cache()
+        step = torch.compile(self) if compiled and use_cache else self
         idx, start, cache = prompt, max(0, prompt.shape[1] - block), None
         for _ in range(max_new_tokens):
             if idx.shape[1] - start > block:  # the context idx[:, start:] is full: cut it
@@ -201,8 +210,9 @@ class Leviathan(nn.Module):
             elif cache is None:  # prefill the whole context
                 cache = self.new_cache()
                 logits, _ = self(idx[:, start:], cache=cache)
-            else:  # only the token sampled last
-                logits, _ = self(idx[:, -1:], cache=cache)
+            else:  # only the token sampled last, copied: a compiled step guards on strides
+                last = idx[:, -1:].clone(memory_format=torch.contiguous_format)
+                logits, _ = step(last, cache=cache)
             nxt = next_token(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx

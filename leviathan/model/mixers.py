@@ -136,8 +136,8 @@ class Mixer(nn.Module):
 
         Counts the qkv and output projections, the scores, P @ V and the lag filtering.
         Attention is averaged over causal positions: query i sees i + 1 keys, (T+1)/2 on
-        average. Softmax, masking and biases are not counted. The zero padding of V that
-        the CPU fast path uses for rank > 1 is not counted (it does no useful work).
+        average. Softmax, masking and biases are not counted, nor the zero padding of V that
+        the CPU fallback for rank > 1 (dropout, masks) uses (it does no useful work).
         """
         return self._projection_flops() + self._attention_flops(seq_len, self.head_dim)
 

@@ -25,7 +25,7 @@ import torch
 
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
-from leviathan.data.shards import TOKENIZER_FILE, record_dataset
+from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
 from leviathan.distributed.parallelize import parallelize
 from leviathan.distributed.world import World, ep_size_of, init_world
 from leviathan.errors import (
@@ -74,6 +74,7 @@ class TrainSummary:
     wall_s: float
     tokens_per_s: float
     sample: str
+    heldout_bpc: float | None = None  # the whole held-out documents (data.val_documents)
 
 
 def model_config_for(cfg: Config, index: DataIndex):
@@ -398,6 +399,18 @@ def run_training(
     baseline = (
         unigram_bpc(train_tokens, val_tokens, index.vocab_size, val_chars) if has_val else None
     )
+    heldout = (
+        evaluate(
+            model,
+            load_tokens(index.dir, HELDOUT),
+            t.seq_len,
+            EVAL_BATCH,
+            index.splits[HELDOUT]["characters"],
+            precision=t.precision,
+        )
+        if HELDOUT in index.splits
+        else None
+    )
     # every rank samples: under ZeRO-3 each forward gathers parameters from all of them
     sample = sample_text(
         model, index.tokenizer(), cfg.run.sample_prompt, cfg.run.sample_tokens, seed=t.seed
@@ -409,6 +422,8 @@ def run_training(
             plot_expert_load(moe_records, run_dir / "expert_load.png")
         if final is not None:
             wandb_run.log({"step": end_step, "final_val_bpc": final.bpc, "unigram_bpc": baseline})
+        if heldout is not None:
+            wandb_run.log({"step": end_step, "final_heldout_bpc": heldout.bpc})
         wandb_run.finish()
     summary = TrainSummary(
         steps=end_step,
@@ -420,6 +435,7 @@ def run_training(
         wall_s=wall,
         tokens_per_s=steps_run * tokens_per_step / wall if steps_run else 0.0,
         sample=sample,
+        heldout_bpc=heldout.bpc if heldout else None,
     )
     if main:
         (run_dir / "summary.json").write_text(
