@@ -56,10 +56,13 @@ class Run:
         index = self.dataset(data_dir)
         stats = index.splits.get(split)
         if stats is None or stats["tokens"] < 2:
-            why = "data.val_fraction=0" if split == "val" else "no data.val_documents"
+            what = (
+                "validation split (data.val_fraction=0)"
+                if split == "val"
+                else f"{split} split (no data.val_documents)"
+            )
             raise DataError(
-                f"{index.dir} has no {split} split ({why}): score text with "
-                "`leviathan eval --data PATH`"
+                f"{index.dir} has no {what}: score text with `leviathan eval --data PATH`"
             )
         tokens = load_tokens(index.dir, split)
         seq_len = self.config.train.seq_len
