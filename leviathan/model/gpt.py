@@ -14,7 +14,10 @@ The uncached loop stays, as the oracle and for what the cache cannot serve.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +30,8 @@ from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
     from leviathan.config import ModelConfig
+
+Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
 
 
 class Block(nn.Module):
@@ -64,13 +69,7 @@ class Leviathan(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
-        self.apply(init_weights)
-        # GPT-2: the projections that write into the residual stream (attention and FFN
-        # outputs, experts' output weights included) start 1/sqrt(2 L) smaller
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                if name.endswith(("proj.weight", "w_out")):
-                    p.mul_(1 / math.sqrt(2 * cfg.n_layer))
+        init_parameters(self)
 
     def forward(
         self,
@@ -234,6 +233,32 @@ def next_token(
 def routes_tokens(ffn: nn.Module) -> bool:
     """A sparse FFN: it keeps routing metrics (and may carry aux losses and biases)."""
     return hasattr(ffn, "pop_metrics")
+
+
+def init_parameters(model: Leviathan, gathered: Gather = contextlib.nullcontext) -> None:
+    """GPT-2 init, one module at a time in `nn.Module.apply` order (children first): the
+    same draws from the torch RNG whether the model is whole or, built under ZeRO-3's
+    `zero.Init`, sharded, where `gathered(params)` makes one module's parameters whole
+    while they are set. The projections that write into the residual stream (attention
+    and FFN outputs, experts' output weights included) start 1/sqrt(2 L) smaller.
+    """
+    scale = 1 / math.sqrt(2 * model.cfg.n_layer)
+    for prefix, module in children_first(model):
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        with gathered([p for _, p in own]), torch.no_grad():
+            init_weights(module)
+            for name, p in own:
+                if f"{prefix}.{name}".endswith(("proj.weight", "w_out")):
+                    p.mul_(scale)
+
+
+def children_first(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """(qualified name, module) pairs in the order `module.apply` visits them."""
+    for name, child in module.named_children():
+        yield from children_first(child, f"{prefix}.{name}" if prefix else name)
+    yield prefix, module
 
 
 def init_weights(module: nn.Module) -> None:

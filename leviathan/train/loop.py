@@ -27,6 +27,7 @@ from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import TOKENIZER_FILE, record_dataset
 from leviathan.distributed.world import World, ep_size_of, init_world
+from leviathan.distributed.zero_init import build_model, full_size
 from leviathan.errors import (
     CheckpointError,
     ConfigError,
@@ -246,16 +247,17 @@ def run_training(
     main = world.rank == 0
     say = log if main else quiet
     torch.manual_seed(t.seed)
-    model = Leviathan(model_cfg, ep_group=world.ep_group)
+    model = build_model(cfg, model_cfg, world)
+    whole = full_size(model)  # ZeRO-3 built it in shards: count on a twin without memory
     run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
-    run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
+    run_flops = 3 * whole.flops_per_token(t.seq_len) * run_tokens
     compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
     if compiled:
         apply_compile(model, t.seq_len)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
-    n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
-    flops_per_token = model.flops_per_token(t.seq_len)
+    n_params = whole.num_params()
+    flops_per_token = whole.flops_per_token(t.seq_len)
     parallel = {
         "engine": world.engine,
         "world_size": world.world_size,
@@ -263,7 +265,7 @@ def run_training(
         "ep_size": ep_size_of(cfg),
     }
     say(
-        f"model: {n_params:,} parameters ({model.active_params():,} active), "
+        f"model: {n_params:,} parameters ({whole.active_params():,} active), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
         f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
         + ", ".join(f"{k} {v}" for k, v in parallel.items())
