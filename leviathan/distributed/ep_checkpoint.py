@@ -1,0 +1,121 @@
+"""Expert-parallel checkpoints that resume on another world size or ep_size.
+
+DeepSpeed reshards a checkpoint through its universal format, which knows only its own
+MoE class: our experts, split over expert-parallel ranks, live in each rank's optimizer
+shard where it cannot find them. So an expert-parallel checkpoint also carries every
+parameter whole, every expert of every rank included: the fp32 weights (CONSOLIDATED,
+which `export` reads too) and the Adam moments (MOMENTS), read with DeepSpeed's
+`safe_get_full_fp32_param` / `safe_get_full_optimizer_state`. A resume on another layout
+builds its engine fresh and sets each parameter's weight and moments from them, each
+rank taking the slice of experts it now owns, with `safe_set_full_fp32_param` /
+`safe_set_full_optimizer_state`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leviathan.errors import CheckpointError
+
+CONSOLIDATED = "consolidated.pt"  # the full fp32 weights, all experts, and buffers
+MOMENTS = "consolidated_moments.pt"  # Adam's moments of every parameter, whole; its step
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def all_experts(param: nn.Parameter, value: torch.Tensor, ep_group: Any) -> torch.Tensor:
+    """`value` of the whole parameter: an expert-parallel rank's slice joined with the
+    other ranks' (rank r holds experts r*E_local ..); other parameters as they are.
+    Collective over `ep_group` for expert parameters."""
+    if not getattr(param, "group_name", None):
+        return value
+    parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
+    dist.all_gather(parts, value.contiguous(), group=ep_group)
+    return torch.cat(parts)
+
+
+def own_experts(param: nn.Parameter, value: torch.Tensor, ep_group: Any) -> torch.Tensor:
+    """This rank's slice of a whole (all experts) `value`; other parameters as they are."""
+    if not getattr(param, "group_name", None):
+        return value
+    n, rank = param.shape[0], dist.get_rank(ep_group)
+    return value[rank * n : (rank + 1) * n]
+
+
+def save_moments(ds: Any, model: nn.Module, ep_group: Any, path: Path) -> None:
+    """Write every parameter's Adam moments, whole, and the optimizer's step to `path`
+    (rank 0 writes; every rank calls it: the gathers are collective). Nothing under
+    ZeRO-0, whose optimizer DeepSpeed does not partition and cannot read this way."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if ds.zero_optimization_stage() == 0:
+        return
+    keep = dist.get_rank() == 0
+    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in ADAM_KEYS}
+    for name, param in model.named_parameters():
+        for key in ADAM_KEYS:
+            value = all_experts(param, safe_get_full_optimizer_state(param, key), ep_group)
+            if keep:
+                moments[key][name] = value.float().cpu()
+    if keep:
+        steps = [state["step"] for state in ds.optimizer.optimizer.state.values()]
+        torch.save({"step": float(max(steps)), **moments}, path)
+
+
+def load_consolidated(ds: Any, model: nn.Module, directory: Path, ep_group: Any) -> None:
+    """Weights, buffers and Adam state of the expert-parallel checkpoint in `directory`
+    into this engine, whatever its world size, ep_size or ZeRO stage (1-3)."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if ds.zero_optimization_stage() == 0 or not (directory / MOMENTS).is_file():
+        raise CheckpointError(
+            f"checkpoint {directory} resumes on another layout only between ZeRO stages "
+            "1-3 (ZeRO-0 keeps no partitioned optimizer state to set): resume it on the "
+            "layout it was written with"
+        )
+    load = {"map_location": "cpu", "weights_only": True, "mmap": True}
+    weights = torch.load(directory / CONSOLIDATED, **load)
+    moments = torch.load(directory / MOMENTS, **load)
+    adam_state(ds.optimizer, moments["step"])
+    for name, param in model.named_parameters():
+        set_weight(param, own_experts(param, weights[name], ep_group))
+        for key in ADAM_KEYS:
+            value = own_experts(param, moments[key][name], ep_group)
+            safe_set_full_optimizer_state(param, value.to(param.device), key)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in weights:
+                buffer.copy_(weights[name])
+
+
+def set_weight(param: nn.Parameter, value: torch.Tensor) -> None:
+    """The module's weight and the optimizer's fp32 master of it, both from `value`."""
+    import deepspeed
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+        param.copy_(value)  # ZeRO-3: whole while inside, partitioned again on leaving
+    safe_set_full_fp32_param(param, value.to(param.device))
+
+
+def adam_state(zero_optimizer: Any, step: float) -> None:
+    """Adam state at `step` for every fp32 partition, so the moments have a place to go.
+
+    A fresh ZeRO-1/2 engine creates it only at its first step, and links each
+    parameter's fragments of it only then; both happen here instead. Every partition
+    gets its own step tensor (torch's AdamW increments it in place).
+    """
+    inner = zero_optimizer.optimizer
+    for group in inner.param_groups:
+        for flat in group["params"]:
+            state = inner.state[flat]
+            for key in ADAM_KEYS:
+                state.setdefault(key, torch.zeros_like(flat))
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if link is not None:
+        link()
