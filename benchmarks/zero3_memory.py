@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
     global_batch = t.micro_batch_size * t.grad_accum * world.world_size
     losses = []
     for step in range(args.steps):
-        x, y = get_batch(tokens, t.seq_len, global_batch, t.seed, step, world.rank, world.world_size)
+        rank, ranks = world.rank, world.world_size
+        x, y = get_batch(tokens, t.seq_len, global_batch, t.seed, step, rank, ranks)
         micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         losses.append(engine.train_step(micro, lr).loss)

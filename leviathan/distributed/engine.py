@@ -4,7 +4,8 @@ ZeRO stages 0-3, fp32 / bf16 / fp16, gradient accumulation and clipping are Deep
 the learning rate comes from the loop every step. A checkpoint is DeepSpeed's own sharded
 one (`deepspeed/`, every rank writes its shard) plus `engine.json` with the layout it was
 written with, so a checkpoint from N ranks can be resumed on M: it is first converted to
-DeepSpeed's universal (layout-free) format, then loaded into the new layout.
+DeepSpeed's universal (layout-free) format, then loaded into the new layout; one whose
+experts were split over ranks carries its own layout-free states (`ep_checkpoint`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,14 @@ from torch import nn
 
 from leviathan.config import Config
 from leviathan.distributed.ds_config import deepspeed_config
+from leviathan.distributed.ep_checkpoint import (
+    CONSOLIDATED,
+    MOMENTS,
+    all_experts,
+    load_consolidated,
+    own_experts,
+    save_moments,
+)
 from leviathan.distributed.world import World, ep_size_of
 from leviathan.errors import CheckpointError
 from leviathan.train.engine import Batch, StepResult
@@ -27,7 +36,6 @@ from leviathan.train.optim import param_groups
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
 LAYOUT = "engine.json"
-CONSOLIDATED = "consolidated.pt"  # expert-parallel runs: the full fp32 weights, all experts
 
 
 class DeepSpeedEngine:
@@ -88,6 +96,8 @@ class DeepSpeedEngine:
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         consolidated = full_state(self.model, self.ep_group) if self.ep_group else None
+        if self.ep_group:  # what a resume on another world size or ep_size needs
+            save_moments(self.ds, self.model, self.ep_group, directory / MOMENTS)
         if self.rank == 0:
             (directory / LAYOUT).write_text(json.dumps(self.layout, indent=1), encoding="utf-8")
             if consolidated is not None:
@@ -100,23 +110,22 @@ class DeepSpeedEngine:
                 f"checkpoint {directory} was written by the {saved.get('engine')} engine; "
                 "resume it with parallel.engine=torch (a plain process)"
             )
-        if saved["ep_size"] != self.layout["ep_size"]:
-            raise CheckpointError(
-                f"checkpoint {directory} splits experts over ep_size={saved['ep_size']}, "
-                f"this run over {self.layout['ep_size']}"
-            )
-        same = all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
-        if same or saved["zero_stage"] == 0 == self.layout["zero_stage"]:
+        same_ep = saved["ep_size"] == self.layout["ep_size"]
+        same = same_ep and all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
+        if same or (same_ep and saved["zero_stage"] == 0 == self.layout["zero_stage"]):
             load_native(self.ds, directory)
             if self.ep_group:
                 restore_experts(self.model, directory / CONSOLIDATED, self.ep_group)
-            return
-        if self.layout["ep_size"] > 1:
+        elif saved["ep_size"] > 1:  # experts split over ranks: from their consolidated states
+            load_consolidated(self.ds, self.model, directory, self.ep_group)
+        elif self.layout["ep_size"] > 1:
             raise CheckpointError(
-                f"checkpoint {directory} has {saved['world_size']} ranks at ZeRO-"
-                f"{saved['zero_stage']}; an expert-parallel run resumes only on the same layout"
+                f"checkpoint {directory} holds every expert on each of its "
+                f"{saved['world_size']} ranks (ep_size 1); it resumes with ep_size 1, on any "
+                "number of ranks"
             )
-        self.load_resharded(directory)
+        else:
+            self.load_resharded(directory)
 
     def load_resharded(self, directory: Path) -> None:
         """Another world size or ZeRO stage: via DeepSpeed's universal checkpoint."""
@@ -157,10 +166,7 @@ def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor] | Non
     for name, param in model.named_parameters():
         value = safe_get_full_fp32_param(param)
         value = (param.detach() if value is None else value).float()
-        if getattr(param, "group_name", None):  # this rank's experts: gather the others'
-            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
-            dist.all_gather(parts, value, group=ep_group)
-            value = torch.cat(parts)  # expert-parallel rank r holds experts r*E_local...
+        value = all_experts(param, value, ep_group)
         if keep:
             state[name] = value.cpu()
     if not keep:
@@ -180,12 +186,10 @@ def restore_experts(model: nn.Module, consolidated: Path, ep_group: Any) -> None
     so a rank reads its own experts, not the whole model.
     """
     state = torch.load(consolidated, map_location="cpu", weights_only=True, mmap=True)
-    rank = dist.get_rank(ep_group)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if getattr(param, "group_name", None):
-                n = param.shape[0]
-                param.copy_(state[name][rank * n : (rank + 1) * n])
+                param.copy_(own_experts(param, state[name], ep_group))
 
 
 def repair_zero3_universal_load(optimizer: Any, hyper: list[dict]) -> None:

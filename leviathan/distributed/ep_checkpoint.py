@@ -54,6 +54,7 @@ def save_moments(ds: Any, model: nn.Module, ep_group: Any, path: Path) -> None:
 
     if ds.zero_optimization_stage() == 0:
         return
+    link_fragments(ds.optimizer)
     keep = dist.get_rank() == 0
     moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in ADAM_KEYS}
     for name, param in model.named_parameters():
@@ -105,9 +106,8 @@ def set_weight(param: nn.Parameter, value: torch.Tensor) -> None:
 def adam_state(zero_optimizer: Any, step: float) -> None:
     """Adam state at `step` for every fp32 partition, so the moments have a place to go.
 
-    A fresh ZeRO-1/2 engine creates it only at its first step, and links each
-    parameter's fragments of it only then; both happen here instead. Every partition
-    gets its own step tensor (torch's AdamW increments it in place).
+    A fresh ZeRO-1/2 engine creates it only at its first step; here instead. Every
+    partition gets its own step tensor (torch's AdamW increments it in place).
     """
     inner = zero_optimizer.optimizer
     for group in inner.param_groups:
@@ -116,6 +116,17 @@ def adam_state(zero_optimizer: Any, step: float) -> None:
             for key in ADAM_KEYS:
                 state.setdefault(key, torch.zeros_like(flat))
             state["step"] = torch.tensor(step, dtype=torch.float32)
-    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:
-        link()
+    link_fragments(zero_optimizer)
+
+
+def link_fragments(zero_optimizer: Any) -> None:
+    """Point every parameter's view of the Adam state at that state (ZeRO-1/2).
+
+    DeepSpeed 0.19.8 links them once, after the optimizer's first step on its first
+    parameter group, when the other groups (ours: decay, no decay, experts) have no
+    state yet: their moments stay unreachable to `safe_get/set_full_optimizer_state`.
+    ZeRO-3 reads the state directly and has nothing to link.
+    """
+    if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+        zero_optimizer._hp_optimizer_states_linked = False
+        zero_optimizer._lazy_init_hp_params_optimizer_state()

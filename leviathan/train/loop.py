@@ -538,7 +538,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
-    current = cfg.to_dict()["model"]
+    saved, current = without_layout(saved), without_layout(cfg.to_dict()["model"])
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
         for k, v in current.items()
@@ -548,6 +548,13 @@ def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
         raise CheckpointError(
             f"checkpoint {directory} is from a different model: " + "; ".join(diffs)
         )
+
+
+def without_layout(model: dict) -> dict:
+    """A model config less `ffn.ep_size`: how experts are split over ranks is a layout,
+    which a resume may change, not part of the model."""
+    ffn = {k: v for k, v in model.get("ffn", {}).items() if k != "ep_size"}
+    return model | {"ffn": ffn}
 
 
 def check_same_tokenizer(run_dir: Path, index: DataIndex) -> None:
