@@ -10,8 +10,10 @@ experts were split over ranks carries its own layout-free states (`ep_checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from leviathan.distributed.ep_checkpoint import (
     MOMENTS,
     all_experts,
     load_consolidated,
+    load_universal,
     own_experts,
     save_moments,
 )
@@ -118,31 +121,37 @@ class DeepSpeedEngine:
                 restore_experts(self.model, directory / CONSOLIDATED, self.ep_group)
         elif saved["ep_size"] > 1:  # experts split over ranks: from their consolidated states
             load_consolidated(self.ds, self.model, directory, self.ep_group)
-        elif self.layout["ep_size"] > 1:
-            raise CheckpointError(
-                f"checkpoint {directory} holds every expert on each of its "
-                f"{saved['world_size']} ranks (ep_size 1); it resumes with ep_size 1, on any "
-                "number of ranks"
-            )
+        elif self.layout["ep_size"] > 1:  # every expert on every rank, now split over them
+            with self.universal(directory) as universal:
+                load_universal(self.ds, self.model, universal / TAG, directory / TAG, self.ep_group)
         else:
             self.load_resharded(directory)
 
     def load_resharded(self, directory: Path) -> None:
         """Another world size or ZeRO stage: via DeepSpeed's universal checkpoint."""
+        hyper = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups
+        ]
+        with self.universal(directory) as universal:
+            self.ds._config.load_universal_checkpoint = True
+            try:
+                load_native(self.ds, universal)
+                repair_zero3_universal_load(self.ds.optimizer, hyper)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+
+    @contextlib.contextmanager
+    def universal(self, directory: Path) -> Iterator[Path]:
+        """The checkpoint in `directory` converted to DeepSpeed's universal (layout-free)
+        format, by rank 0, for every rank while inside; removed on leaving."""
         universal = directory.parent / f".universal-{directory.name}"
         if self.rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
             to_universal(directory / TAG, universal / TAG)
         dist.barrier()
-        self.ds._config.load_universal_checkpoint = True
-        hyper = [
-            {k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups
-        ]
         try:
-            load_native(self.ds, universal)
-            repair_zero3_universal_load(self.ds.optimizer, hyper)
+            yield universal
         finally:
-            self.ds._config.load_universal_checkpoint = False
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)

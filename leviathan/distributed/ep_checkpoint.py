@@ -8,7 +8,8 @@ which `export` reads too) and the Adam moments (MOMENTS), read with DeepSpeed's
 `safe_get_full_fp32_param` / `safe_get_full_optimizer_state`. A resume on another layout
 builds its engine fresh and sets each parameter's weight and moments from them, each
 rank taking the slice of experts it now owns, with `safe_set_full_fp32_param` /
-`safe_set_full_optimizer_state`.
+`safe_set_full_optimizer_state`. An ep_size 1 checkpoint resumes with experts split the
+same way, from DeepSpeed's universal copy of it, which holds every parameter whole.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from leviathan.errors import CheckpointError
 CONSOLIDATED = "consolidated.pt"  # the full fp32 weights, all experts, and buffers
 MOMENTS = "consolidated_moments.pt"  # Adam's moments of every parameter, whole; its step
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+MODEL_STATES = "mp_rank_00_model_states.pt"  # in a DeepSpeed checkpoint: the module's states
 
 
 def all_experts(param: nn.Parameter, value: torch.Tensor, ep_group: Any) -> torch.Tensor:
@@ -70,17 +72,46 @@ def save_moments(ds: Any, model: nn.Module, ep_group: Any, path: Path) -> None:
 def load_consolidated(ds: Any, model: nn.Module, directory: Path, ep_group: Any) -> None:
     """Weights, buffers and Adam state of the expert-parallel checkpoint in `directory`
     into this engine, whatever its world size, ep_size or ZeRO stage (1-3)."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
-    if ds.zero_optimization_stage() == 0 or not (directory / MOMENTS).is_file():
+    if not (directory / MOMENTS).is_file():
         raise CheckpointError(
-            f"checkpoint {directory} resumes on another layout only between ZeRO stages "
-            "1-3 (ZeRO-0 keeps no partitioned optimizer state to set): resume it on the "
-            "layout it was written with"
+            f"checkpoint {directory} was written at ZeRO-0, which keeps no partitioned "
+            "optimizer state to consolidate: resume it on the layout it was written with"
         )
     load = {"map_location": "cpu", "weights_only": True, "mmap": True}
     weights = torch.load(directory / CONSOLIDATED, **load)
-    moments = torch.load(directory / MOMENTS, **load)
+    set_states(ds, model, weights, torch.load(directory / MOMENTS, **load), ep_group)
+
+
+def load_universal(ds: Any, model: nn.Module, universal: Path, native: Path, ep_group: Any):
+    """An ep_size 1 checkpoint into expert-parallel ranks: DeepSpeed's universal copy of
+    it (`universal`) holds every parameter whole, Adam moments too, the native one
+    (`native`) the buffers; each rank takes its experts' slice."""
+
+    def read(name: str, state: str) -> Any:
+        path = universal / "zero" / name / f"{state}.pt"
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    names = [name for name, _ in model.named_parameters()]
+    module = torch.load(native / MODEL_STATES, map_location="cpu", weights_only=False)["module"]
+    weights = {name: read(name, "fp32")["param"] for name in names}
+    weights |= {name: module[name] for name, _ in model.named_buffers() if name in module}
+    moments = {key: {name: read(name, key)["param"] for name in names} for key in ADAM_KEYS}
+    set_states(ds, model, weights, {"step": float(read(names[0], "step")), **moments}, ep_group)
+
+
+def set_states(
+    ds: Any, model: nn.Module, weights: dict, moments: dict, ep_group: Any | None
+) -> None:
+    """Every parameter's weight and Adam moments (whole: all experts) and the buffers,
+    into this engine, each rank taking the experts it owns."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    if ds.zero_optimization_stage() == 0:
+        raise CheckpointError(
+            "a checkpoint resumes on another expert layout only at ZeRO stages 1-3 "
+            "(DeepSpeed sets no optimizer state of ZeRO-0 by parameter): set "
+            "parallel.zero_stage"
+        )
     adam_state(ds.optimizer, moments["step"])
     for name, param in model.named_parameters():
         set_weight(param, own_experts(param, weights[name], ep_group))
