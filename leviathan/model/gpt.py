@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +30,7 @@ from leviathan.model.mixers import MIXERS
 if TYPE_CHECKING:
     from leviathan.config import ModelConfig
 
-Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
 
 class Block(nn.Module):
