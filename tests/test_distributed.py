@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -67,11 +68,19 @@ def config_file(base: dict, name: str, ffn: dict | None = None) -> Path:
     return path
 
 
-def launch(config: Path, ranks: int, run_dir: Path, *overrides: str, flags=(), check=True):
-    """`deepspeed --num_gpus N launch/train.py` (N > 1) or a plain one-rank DeepSpeed start."""
+def launch(
+    config: Path,
+    ranks: int,
+    run_dir: Path,
+    *overrides: str,
+    flags=(),
+    check=True,
+    script="launch/train.py",
+):
+    """`deepspeed --num_gpus N <script>` (N > 1) or a plain one-rank DeepSpeed start."""
     args = ["--config", str(config), f"run.dir={run_dir}", *overrides, *flags]
     if ranks == 1:
-        cmd = [sys.executable, str(REPO / "launch/train.py"), *args, "parallel.engine=deepspeed"]
+        cmd = [sys.executable, str(REPO / script), *args, "parallel.engine=deepspeed"]
     else:
         port = str(29500 + os.getpid() % 2000)
         cmd = [
@@ -80,7 +89,7 @@ def launch(config: Path, ranks: int, run_dir: Path, *overrides: str, flags=(), c
             str(ranks),
             "--master_port",
             port,
-            str(REPO / "launch/train.py"),
+            str(REPO / script),
             *args,
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
@@ -167,6 +176,50 @@ def test_moe_expert_parallel_and_zero3(base, oracle):
     assert summary(ep2)["parallel"]["ep_size"] == 2
 
 
+def test_zero3_builds_a_model_larger_than_one_rank_in_shards(base):
+    """About 300M parameters built inside `deepspeed.zero.Init` on 2 ranks: each rank's
+    peak resident memory while building, and while building and stepping, stays under
+    0.65x of one rank's that builds the same model whole (the same engine and steps on a
+    world of one), and the losses are that rank's (2 ranks x micro-batch 1 = 1 rank x 2
+    accumulation steps)."""
+    raw = json.loads(json.dumps(base["raw"]))
+    raw["model"].update(n_layer=24, n_head=16, d_model=1024)
+    raw["train"].update(micro_batch_size=1)
+    few = 5_000_000  # elements: buckets and optimizer sub-groups far below the model's size
+    raw["parallel"] = {
+        "deepspeed": {
+            "zero_optimization": {
+                "reduce_bucket_size": few,
+                "stage3_prefetch_bucket_size": few,
+                "stage3_max_live_parameters": 4 * few,
+                "stage3_max_reuse_distance": 0,
+                "sub_group_size": 2 * few,
+            }
+        }
+    }
+    config = base["root"] / "big.yaml"
+    config.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    figures = {}
+    for name, ranks, extra in (("whole", 1, ["train.grad_accum=2"]), ("sharded", 2, [])):
+        out = base["root"] / f"memory-{name}"
+        probe = ["--out", str(out), "--steps", "2"]
+        zero = ["parallel.zero_stage=3", *extra]
+        launch(config, ranks, out, *zero, flags=probe, script="benchmarks/zero3_memory.py")
+        figures[name] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
+    (whole,), sharded = figures["whole"], figures["sharded"]
+    assert 2.9e8 < whole["params"] == sharded[0]["params"] < 3.1e8
+    for rank in sharded:
+        print(
+            f"rank {rank['rank']}: build {rank['peak_build_mib']:.0f} MiB "
+            f"(whole {whole['peak_build_mib']:.0f}), build + steps {rank['peak_mib']:.0f} MiB "
+            f"(whole {whole['peak_mib']:.0f})"
+        )
+        assert rank["peak_build_mib"] < 0.65 * whole["peak_build_mib"]
+        assert rank["peak_mib"] < 0.65 * whole["peak_mib"]
+        assert len(rank["losses"]) == 2
+        assert max(map(abs, np.subtract(rank["losses"], whole["losses"]))) < LOSS_TOL
+
+
 def test_check_parallel_refuses_impossible_layouts(base):
     cfg = load_config(config_file(base, "moe", MOE), ["model.ffn.ep_size=2"])
     with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 does not divide the world size 3"):
@@ -201,6 +254,24 @@ def test_resume_on_another_number_of_ranks(base, oracle, name, stage):
     two = launch(config, 2, run_dir, zero, flags=["--resume"])
     assert "(1 -> 2 ranks)" in two.stdout + two.stderr
     assert_same_curve(losses(run_dir), oracle[name])
+
+
+def test_expert_parallel_resume_on_another_world_size_and_ep_size(base, oracle):
+    """Experts split over 2 ranks (ep_size 2) to step 3, all of them on 1 rank (ep_size 1,
+    2 accumulation steps) to step 6, split over 2 ranks again to the end: the loss curve
+    is the uninterrupted one, so every expert's weights and Adam moments crossed both
+    changes of ep_size and world size."""
+    config = config_file(base, "moe", MOE)
+    run_dir = base["root"] / "resume-moe-ep"
+    zero = "parallel.zero_stage=2"
+    launch(config, 2, run_dir, zero, "model.ffn.ep_size=2", flags=["--stop-at", "3"])
+    one = launch(
+        config, 1, run_dir, zero, "train.grad_accum=2", flags=["--resume", "--stop-at", "6"]
+    )
+    assert "(2 -> 1 ranks)" in one.stdout + one.stderr
+    launch(config, 2, run_dir, zero, "model.ffn.ep_size=2", flags=["--resume"])
+    assert_same_curve(losses(run_dir), oracle["moe"])
+    assert summary(run_dir)["parallel"]["ep_size"] == 2
 
 
 # A Ray head on loopback (run in `unshare -n`), its job API answering; stopped at exit.

@@ -16,7 +16,9 @@ The uncached loop stays, as the oracle and for what the cache cannot serve.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +31,8 @@ from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
     from leviathan.config import ModelConfig
+
+Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -80,13 +84,7 @@ class Leviathan(nn.Module):
         self.norm = make_norm(cfg)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
-        self.apply(init_weights)
-        # GPT-2: the projections that write into the residual stream (attention and FFN
-        # outputs, experts' output weights included) start 1/sqrt(2 L) smaller
-        with torch.no_grad():
-            for b in self.blocks:
-                for p in b.mixer.residual_projections() + b.ffn.residual_projections():
-                    p.mul_(1 / math.sqrt(2 * cfg.n_layer))
+        init_parameters(self)
 
     def forward(
         self,
@@ -253,6 +251,37 @@ def next_token(
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
+
+
+def init_parameters(model: Leviathan, gathered: Gather = contextlib.nullcontext) -> None:
+    """GPT-2 init, one module at a time in `nn.Module.apply` order (children first): the
+    same draws from the torch RNG whether the model is whole or, built under ZeRO-3's
+    `zero.Init`, sharded, where `gathered(params)` makes one module's parameters whole
+    while they are set. The projections that write into the residual stream (attention
+    and FFN outputs, experts' output weights included) start 1/sqrt(2 L) smaller.
+    """
+    scale = 1 / math.sqrt(2 * model.cfg.n_layer)
+    residual = {
+        id(p)
+        for b in model.blocks
+        for p in b.mixer.residual_projections() + b.ffn.residual_projections()
+    }
+    for module in children_first(model):
+        own = list(module.parameters(recurse=False))
+        if not own:
+            continue
+        with gathered(own), torch.no_grad():
+            init_weights(module)
+            for p in own:
+                if id(p) in residual:
+                    p.mul_(scale)
+
+
+def children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules in the order `module.apply` visits them."""
+    for child in module.children():
+        yield from children_first(child)
+    yield module
 
 
 def init_weights(module: nn.Module) -> None:

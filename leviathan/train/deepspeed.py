@@ -4,14 +4,17 @@ ZeRO stages 0-3, fp32 / bf16 / fp16, gradient accumulation and clipping are Deep
 the learning rate comes from the loop every step. A checkpoint is DeepSpeed's own sharded
 one (`deepspeed/`, every rank writes its shard) plus `engine.json` with the layout it was
 written with, so a checkpoint from N ranks can be resumed on M: it is first converted to
-DeepSpeed's universal (layout-free) format, then loaded into the new layout.
+DeepSpeed's universal (layout-free) format, then loaded into the new layout; one whose
+experts were split over ranks carries its own layout-free states (`ep_checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,15 @@ from torch import nn
 
 from leviathan.config import Config
 from leviathan.distributed.ds_config import deepspeed_config
+from leviathan.distributed.ep_checkpoint import (
+    CONSOLIDATED,
+    MOMENTS,
+    all_experts,
+    load_consolidated,
+    load_universal,
+    own_experts,
+    save_moments,
+)
 from leviathan.distributed.world import World, ep_size_of
 from leviathan.errors import CheckpointError
 from leviathan.train.engine import Batch, StepResult, TrainableModel
@@ -28,7 +40,6 @@ from leviathan.train.optim import param_groups
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
 LAYOUT = "engine.json"
-CONSOLIDATED = "consolidated.pt"  # expert-parallel runs: the full fp32 weights, all experts
 
 
 class DeepSpeedEngine:
@@ -90,6 +101,8 @@ class DeepSpeedEngine:
     def save(self, directory: Path) -> None:
         self.ds.save_checkpoint(str(directory), tag=TAG, save_latest=False)
         consolidated = full_state(self.model, self.ep_group) if self.ep_group else None
+        if self.ep_group:  # what a resume on another world size or ep_size needs
+            save_moments(self.ds, self.model, self.ep_group, directory / MOMENTS)
         if self.rank == 0:
             (directory / LAYOUT).write_text(json.dumps(self.layout, indent=1), encoding="utf-8")
             if consolidated is not None:
@@ -102,40 +115,45 @@ class DeepSpeedEngine:
                 f"checkpoint {directory} was written by the {saved.get('engine')} engine; "
                 "resume it with parallel.engine=torch (a plain process)"
             )
-        if saved["ep_size"] != self.layout["ep_size"]:
-            raise CheckpointError(
-                f"checkpoint {directory} splits experts over ep_size={saved['ep_size']}, "
-                f"this run over {self.layout['ep_size']}"
-            )
-        same = all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
-        if same or saved["zero_stage"] == 0 == self.layout["zero_stage"]:
+        same_ep = saved["ep_size"] == self.layout["ep_size"]
+        same = same_ep and all(saved[k] == self.layout[k] for k in ("world_size", "zero_stage"))
+        if same or (same_ep and saved["zero_stage"] == 0 == self.layout["zero_stage"]):
             load_native(self.ds, directory)
             if self.ep_group:
                 restore_experts(self.model, directory / CONSOLIDATED, self.ep_group)
-            return
-        if self.layout["ep_size"] > 1:
-            raise CheckpointError(
-                f"checkpoint {directory} has {saved['world_size']} ranks at ZeRO-"
-                f"{saved['zero_stage']}; an expert-parallel run resumes only on the same layout"
-            )
-        self.load_resharded(directory)
+        elif saved["ep_size"] > 1:  # experts split over ranks: from their consolidated states
+            load_consolidated(self.ds, self.model, directory, self.ep_group)
+        elif self.layout["ep_size"] > 1:  # every expert on every rank, now split over them
+            with self.universal(directory) as universal:
+                load_universal(self.ds, self.model, universal / TAG, directory / TAG, self.ep_group)
+        else:
+            self.load_resharded(directory)
 
     def load_resharded(self, directory: Path) -> None:
         """Another world size or ZeRO stage: via DeepSpeed's universal checkpoint."""
+        hyper = [
+            {k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups
+        ]
+        with self.universal(directory) as universal:
+            self.ds._config.load_universal_checkpoint = True
+            try:
+                load_native(self.ds, universal)
+                repair_zero3_universal_load(self.ds.optimizer, hyper)
+            finally:
+                self.ds._config.load_universal_checkpoint = False
+
+    @contextlib.contextmanager
+    def universal(self, directory: Path) -> Iterator[Path]:
+        """The checkpoint in `directory` converted to DeepSpeed's universal (layout-free)
+        format, by rank 0, for every rank while inside; removed on leaving."""
         universal = directory.parent / f".universal-{directory.name}"
         if self.rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
             to_universal(directory / TAG, universal / TAG)
         dist.barrier()
-        self.ds._config.load_universal_checkpoint = True
-        hyper = [
-            {k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups
-        ]
         try:
-            load_native(self.ds, universal)
-            repair_zero3_universal_load(self.ds.optimizer, hyper)
+            yield universal
         finally:
-            self.ds._config.load_universal_checkpoint = False
             dist.barrier()
             if self.rank == 0:
                 shutil.rmtree(universal, ignore_errors=True)
@@ -181,10 +199,7 @@ def full_state(model: nn.Module, ep_group: Any) -> dict[str, torch.Tensor] | Non
     for name, param in model.named_parameters():
         value = safe_get_full_fp32_param(param)
         value = (param.detach() if value is None else value).float()
-        if getattr(param, "group_name", None):  # this rank's experts: gather the others'
-            parts = [torch.empty_like(value) for _ in range(dist.get_world_size(ep_group))]
-            dist.all_gather(parts, value, group=ep_group)
-            value = torch.cat(parts)  # expert-parallel rank r holds experts r*E_local...
+        value = all_experts(param, value, ep_group)
         if keep:
             state[name] = value.cpu()
     if not keep:
@@ -204,12 +219,10 @@ def restore_experts(model: nn.Module, consolidated: Path, ep_group: Any) -> None
     so a rank reads its own experts, not the whole model.
     """
     state = torch.load(consolidated, map_location="cpu", weights_only=True, mmap=True)
-    rank = dist.get_rank(ep_group)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if getattr(param, "group_name", None):
-                n = param.shape[0]
-                param.copy_(state[name][rank * n : (rank + 1) * n])
+                param.copy_(own_experts(param, state[name], ep_group))
 
 
 def repair_zero3_universal_load(optimizer: Any, hyper: list[dict]) -> None:

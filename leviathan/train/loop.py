@@ -26,8 +26,8 @@ import torch
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
-from leviathan.distributed.parallelize import parallelize
 from leviathan.distributed.world import World, ep_size_of, init_world
+from leviathan.distributed.zero_init import build_model, full_size
 from leviathan.errors import (
     CheckpointError,
     ConfigError,
@@ -35,7 +35,6 @@ from leviathan.errors import (
     LeviathanError,
     TrainingError,
 )
-from leviathan.model import Leviathan
 from leviathan.storage import read_records
 from leviathan.train import mfu
 from leviathan.train.checkpoint import (
@@ -238,17 +237,18 @@ def run_training(
     main = world.rank == 0
     say = log if main else quiet
     torch.manual_seed(t.seed)
-    model = parallelize(Leviathan(model_cfg), world)
+    model = build_model(cfg, model_cfg, world)
+    whole = full_size(model)  # ZeRO-3 built it in shards: count on a twin without memory
     run_tokens = t.max_steps * t.grad_accum * t.micro_batch_size * t.seq_len
-    run_flops = 3 * model.flops_per_token(t.seq_len) * run_tokens
+    run_flops = 3 * whole.flops_per_token(t.seq_len) * run_tokens
     compiled = resolve_compile(t.compile, world.device, model_cfg.mixer.kind, run_flops)
     if compiled:
         apply_compile(model, t.seq_len)
     if t.activation_checkpointing:
         apply_activation_checkpointing(model)
-    n_params = model.num_params()  # counted before ZeRO-3 shards the parameters
-    n_active = model.active_params()
-    flops_per_token = model.flops_per_token(t.seq_len)
+    n_params = whole.num_params()
+    n_active = whole.active_params()
+    flops_per_token = whole.flops_per_token(t.seq_len)
     engine = ENGINES[world.engine](model, cfg, world)
     parallel = {
         "engine": world.engine,
@@ -544,7 +544,7 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
-    current = cfg.to_dict()["model"]
+    saved, current = without_layout(saved), without_layout(cfg.to_dict()["model"])
     diffs = [
         f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}"
         for k, v in current.items()
@@ -554,6 +554,13 @@ def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:
         raise CheckpointError(
             f"checkpoint {directory} is from a different model: " + "; ".join(diffs)
         )
+
+
+def without_layout(model: dict) -> dict:
+    """A model config less `ffn.ep_size`: how experts are split over ranks is a layout,
+    which a resume may change, not part of the model."""
+    ffn = {k: v for k, v in model.get("ffn", {}).items() if k != "ep_size"}
+    return model | {"ffn": ffn}
 
 
 def check_same_tokenizer(run_dir: Path, index: DataIndex) -> None:

@@ -1,0 +1,56 @@
+"""Build the model sharded from its first parameter: ZeRO-3 models larger than one rank.
+
+Under ZeRO-3 the model is constructed inside `deepspeed.zero.Init`, which partitions
+each module's parameters over the ranks as soon as that module's constructor returns,
+so no rank ever holds the whole model. The constructors draw from the torch RNG as an
+eager build does; the GPT-2 init that runs after them (which would otherwise touch only
+empty, partitioned tensors) is replayed module by module with that module's parameters
+gathered, so the sharded model starts from exactly the eager model's values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leviathan.config import Config, ModelConfig
+from leviathan.distributed.ds_config import deepspeed_config
+from leviathan.distributed.parallelize import parallelize
+from leviathan.distributed.world import World
+from leviathan.model import Leviathan
+from leviathan.model.gpt import init_parameters
+
+
+def build_model(cfg: Config, model_cfg: ModelConfig, world: World) -> Leviathan:
+    """The model, whole on every rank with its experts split over them (`parallelize`), or
+    under DeepSpeed ZeRO-3 partitioned as it is built (ZeRO-3 refuses expert parallelism)."""
+    if not sharded_build(cfg, world):
+        return parallelize(Leviathan(model_cfg), world)
+    import deepspeed
+
+    config = deepspeed_config(cfg, on_gpu=world.device.type == "cuda")
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = Leviathan(model_cfg)
+    init_parameters(model, gathered)
+    return model
+
+
+def sharded_build(cfg: Config, world: World) -> bool:
+    return world.engine == "deepspeed" and cfg.parallel.zero_stage == 3
+
+
+def gathered(params: list[nn.Parameter]):
+    """The whole values of partitioned parameters while inside; rank 0's edits are kept
+    (every rank makes the same ones: the RNG is seeded alike)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def full_size(model: Leviathan) -> Leviathan:
+    """`model`, or where ZeRO-3 holds only shards of it, its twin on the meta device (no
+    memory): what counts parameters and FLOPs must see every parameter whole."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return model
+    with torch.device("meta"):
+        return Leviathan(model.cfg)
