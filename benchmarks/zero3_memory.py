@@ -27,7 +27,8 @@ from leviathan.data import get_batch, load_tokens, prepare  # noqa: E402
 from leviathan.distributed.world import init_world, leave_world  # noqa: E402
 from leviathan.distributed.zero_init import build_model, full_size  # noqa: E402
 from leviathan.train.checkpoint import quiet  # noqa: E402
-from leviathan.train.loop import build_engine, model_config_for  # noqa: E402
+from leviathan.train.engines import ENGINES  # noqa: E402
+from leviathan.train.loop import model_config_for  # noqa: E402
 from leviathan.train.schedule import lr_at  # noqa: E402
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> None:
     before = peak_rss_mib()
     model = build_model(cfg, model_cfg, world)
     built = peak_rss_mib()
-    engine = build_engine(cfg, model, world)
+    engine = ENGINES[world.engine](model, cfg, world)
     tokens = load_tokens(index.dir, "train")
     global_batch = t.micro_batch_size * t.grad_accum * world.world_size
     losses = []

@@ -151,8 +151,8 @@ def test_grouped_gemm_and_loop_agree_with_an_empty_expert():
         out = ex(x, tok, [4, 0, 3], gates, n_out=6)
         inputs = [x, gates, *ex.parameters()]
         results[matmul] = [out, *torch.autograd.grad((out * out).sum(), inputs)]
-    for got, want in zip(results["grouped"], results["loop"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(results["grouped"], results["loop"], strict=True):  # fp32, O(1) values
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert results["grouped"][3][1].abs().max() == 0  # w_in of the empty expert
 
 

@@ -64,7 +64,7 @@ def dropped_fraction(model: Leviathan, idx: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("mode", sorted(ROUTING))
-def test_later_tokens_in_any_row_leave_earlier_logits_exactly_unchanged(mode):
+def test_later_tokens_in_any_row_leave_earlier_logits_unchanged(mode):
     model = moe_model(ROUTING[mode])
     torch.manual_seed(1)
     idx = torch.randint(0, VOCAB, (B, T))
@@ -75,7 +75,12 @@ def test_later_tokens_in_any_row_leave_earlier_logits_exactly_unchanged(mode):
         changed = idx.clone()
         changed[:, t + 1 :] = torch.randint(0, VOCAB, (B, T - t - 1))
         after, _ = model(changed)
-        assert torch.equal(before[:, : t + 1], after[:, : t + 1]), f"position <= {t} moved"
+        # to rounding: a later token changes how many rows an expert's matmul has, and BLAS
+        # may then block the sums differently (float64: ~1e-16); a routing leak moves
+        # logits by 1e-3 and more (0.74 before causal capacity)
+        torch.testing.assert_close(
+            before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-12, msg=f"position <= {t} moved"
+        )
         assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
     # other rows replaced entirely: row 0 is untouched at every position
     others = idx.clone()
