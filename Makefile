@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step study clean
+.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step study study-v2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -50,6 +50,24 @@ study: $(STAMP)
 	for m in xcorr-w2 xcorr-w4 channel; do \
 	  $(VENV)/bin/leviathan inspect --run $(STUDY_RUNS)/study-$$m-s0 \
 	    --against $(STUDY_RUNS)/study-dot-s0 --out runs/study/inspect-$$m || exit 1; \
+	done
+
+# Study v2 (docs/results.md): Transformer++ (dot, RoPE, RMSNorm, SwiGLU), Primer's dconv,
+# token_xcorr W=4 with RoPE and with learned positions; 3 seeds; 3 epochs of the 1.53M-token
+# train split; 2.2M parameters, then 9.6M. Seeds 0..n-1 for n = 1, 2, 3 (the finished runs
+# reused), so an interrupted study has every config at the seeds it reached; rerunning
+# reuses finished runs and resumes interrupted ones.
+STUDY2 := $(foreach c,dot dconv xcorr xcorr-learned,configs/study2-$(c).yaml)
+STUDY2_BUDGET ?= tokens=4.6e6
+STUDY2_THREADS ?= 2
+STUDY2_MEDIUM := model.d_model=384 model.n_layer=5 model.n_head=6 train.lr=1.0e-3
+study-v2: $(STAMP)
+	for size in small medium; do \
+	  extra=$$( [ $$size = medium ] && echo "$(STUDY2_MEDIUM)" ); \
+	  for seeds in 1 2 3; do \
+	    $(VENV)/bin/leviathan compare $(STUDY2) $$extra train.threads=$(STUDY2_THREADS) \
+	      --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v2/$$size || exit 1; \
+	  done; \
 	done
 
 clean:

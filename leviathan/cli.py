@@ -167,6 +167,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
     )
 
 
+def seeds_arg(text: str) -> int | list[int]:
+    """`--seeds`: a count N (seeds 0..N-1), or seeds and inclusive ranges such as 0,2 or
+    2-2 (seed 2 alone) or 0-1,4."""
+    try:
+        if text.isdigit():
+            if int(text) < 1:
+                raise ValueError
+            return int(text)
+        seeds = []
+        for item in text.split(","):
+            first, dash, last = item.partition("-")
+            low, high = int(first), int(last) if dash else int(first)
+            if low < 0 or high < low:
+                raise ValueError
+            seeds += range(low, high + 1)
+        if len(set(seeds)) != len(seeds):
+            raise ValueError
+        return seeds
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected a count >= 1, or distinct seeds >= 0 and ranges such as 0,2 or 2-3"
+        ) from None
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from leviathan.compare import compare
 
@@ -338,7 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(exit status 1). KEY=VALUE items override every config.",
     )
     p.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE")
-    p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per config (default 1)")
+    p.add_argument(
+        "--seeds",
+        type=seeds_arg,
+        default=1,
+        help="N: seeds 0..N-1 per config (default 1); or seeds and ranges such as 0,2 or "
+        "2-3 (processes that take different seeds can share one comparison's folder)",
+    )
     p.add_argument(
         "--budget", required=True, help="steps=K, tokens=K or minutes=K (wall clock) per run"
     )

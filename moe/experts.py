@@ -84,9 +84,11 @@ class _RoutedExperts(torch.autograd.Function):
     scratch buffers shared by all experts of the pass (`_Scratch`).
 
     The gate is applied at the narrower of the hidden and output widths. At the hidden
-    width (fine-grained experts): g * (a @ w_out) = (g * a) @ w_out, and the gate gradient
-    is <dy, a @ w_out + b_out> = <dy @ w_out^T, a> + <dy, b_out>, so y is not kept. At the
-    output width: out += g * y, and y is kept for the gate gradient <dy, y>.
+    width (fine-grained experts): g * (a @ w_out) = (g * a) @ w_out, and g * a is kept in
+    place of a: it is what w_out's gradient needs, and the gate gradient
+    <dy, a @ w_out + b_out> = <dy @ w_out^T, a> + <dy, b_out> takes <u, g * a> / g, one
+    dot per row (exact to rounding; where some gate is exactly 0, a is recomputed from h
+    instead). At the output width: out += g * y, and y is kept for the gate gradient <dy, y>.
     """
 
     @staticmethod
@@ -110,7 +112,7 @@ class _RoutedExperts(torch.autograd.Function):
         gate_a = gates is not None and hidden <= d_out
         keep_y = gates is not None and not gate_a and ctx.needs_input_grad[1]
         scratch = _Scratch(x, max(counts, default=0))
-        acts = []  # per expert with rows: h, a and (keep_y) y
+        acts = []  # per expert with rows: h, a (g * a when gate_a) and (keep_y) y
         # every expert's slices, one split / unbind call each, not indexing ops per expert
         toks, gs = tok.split(counts), _split(_column(gates), counts)
         w1s, w2s, b1s, b2s = (_unbind(w, len(counts)) for w in (w_in, w_out, b_in, b_out))
@@ -123,7 +125,7 @@ class _RoutedExperts(torch.autograd.Function):
             a = activate(h, activation)
             ys = scratch("y", n, d_out)
             if gate_a:
-                ag = torch.mul(a, ge, out=scratch("a", n, hidden))
+                a = ag = a.mul_(ge)  # kept as g * a (see the class docstring)
                 if b2 is None:
                     y = torch.mm(ag, w2, out=ys)
                 else:  # g * (a @ w + b) = (g * a) @ w + g * b
@@ -138,6 +140,8 @@ class _RoutedExperts(torch.autograd.Function):
         ctx.counts, ctx.activation, ctx.rows = counts, activation, scratch.rows
         ctx.grad_buffers = grad_buffers
         ctx.gate_a, ctx.keep_y = gate_a, keep_y
+        # <u, g * a> / g is undefined where g == 0: then a is recomputed from h
+        ctx.recompute_a = gate_a and ctx.needs_input_grad[1] and bool((gates == 0).any())
         ctx.has_b_in = b_in is not None
         return out
 
@@ -187,10 +191,9 @@ class _RoutedExperts(torch.autograd.Function):
                     torch.linalg.vecdot(gy, y, out=gg)
                 gy.mul_(ge)
                 ge = None
-            # From here on the gate, if any left, applies to a: a^T (g * gy) = (g * a)^T gy.
+            # From here on a gate, if any is left, applies to a, and `a` holds g * a.
             if gw2 is not None:
-                ag = a if ge is None else torch.mul(a, ge, out=scratch("a", n, hidden))
-                torch.mm(ag.t(), gy, out=gw2)
+                torch.mm(a.t(), gy, out=gw2)
             if gb2 is not None:
                 if ge is None:
                     torch.sum(gy, 0, out=gb2)
@@ -198,8 +201,11 @@ class _RoutedExperts(torch.autograd.Function):
                     torch.mv(gy.t(), ge.squeeze(1), out=gb2)
             u = torch.mm(gy, w2.t(), out=scratch("u", n, hidden))  # d out / d a
             if ge is not None:
-                if gg is not None:
-                    torch.sum(torch.mul(u, a, out=scratch("a", n, hidden)), 1, out=gg)
+                if gg is not None:  # <u, a> (+ <gy, b_out>)
+                    if ctx.recompute_a:
+                        torch.linalg.vecdot(u, activate(h, ctx.activation), out=gg)
+                    else:
+                        torch.linalg.vecdot(u, a, out=gg).div_(ge.squeeze(1))
                     if b2 is not None:
                         gg += gy @ b2
                 u.mul_(ge)

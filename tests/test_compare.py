@@ -1,5 +1,6 @@
 """`leviathan compare`: configs x seeds under one budget, reuse, resume, failures, report."""
 
+import argparse
 import json
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from leviathan.cli import seeds_arg
 from leviathan.compare import CompareError, compare, parse_budget
 from leviathan.compare.plan import MARKER, plan
 from leviathan.compare.results import cumulative_times
@@ -168,6 +170,54 @@ def test_a_changed_budget_or_config_is_refused_before_any_training(first):
     ):
         compare(paths[1:2], seeds=1, budget="steps=3", out=out, overrides=["train.eval_interval=3"])
     assert json.loads((out / "runs" / "dot-s0" / MARKER).read_text())["budget"] == "steps=3"
+
+
+def test_heldout_bpc_and_paired_differences_are_reported(configs, tmp_path):
+    out = tmp_path / "out"
+    overrides = ["data.val_documents=1", f"data.dir={tmp_path / 'data'}"]
+    paths = [configs["dot"], configs["xcorr"]]
+    # seed 1 first (as a second process sharing the folder would), then both: 1 is reused
+    compare(paths, seeds=[1], budget="steps=2", out=out, overrides=overrides, **QUIET)
+    result = compare(paths, seeds=[0, 1], budget="steps=2", out=out, overrides=overrides, **QUIET)
+    dot, xcorr = result.configs
+    assert [r.status for r in dot.runs] == ["trained", "reused"]
+    for run in dot.runs + xcorr.runs:
+        assert run.final_heldout_bpc > 0 and run.final_heldout_bpc != run.final_val_bpc
+
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["data"]["heldout_documents"]) == 1
+    rows = {c["label"]: c for c in saved["configs"]}
+    held = [r.final_heldout_bpc for r in dot.runs]
+    assert rows["dot"]["final_heldout_bpc_mean"] == pytest.approx(sum(held) / 2)
+    diffs = {d["split"]: d for d in saved["paired_differences"]}
+    assert set(diffs) == {"val", "heldout"}
+    for split, attr in (("val", "final_val_bpc"), ("heldout", "final_heldout_bpc")):
+        d = diffs[split]
+        assert (d["label"], d["baseline"], d["seeds"]) == ("xcorr", "dot", [0, 1])
+        pairs = zip(xcorr.runs, dot.runs, strict=True)
+        want = [getattr(x, attr) - getattr(b, attr) for x, b in pairs]
+        assert d["differences"] == pytest.approx(want)
+        assert d["mean"] == pytest.approx(sum(want) / 2)
+        assert d["std"] == pytest.approx(abs(want[0] - want[1]) / 2**0.5)
+
+    table = (out / "results.md").read_text()
+    assert "| held-out BPC |" in table and "## Paired differences against dot" in table
+    assert f"| xcorr | heldout | 2 | {diffs['heldout']['mean']:+.4f} |" in table
+    assert Path(saved["data"]["heldout_documents"][0]).stem in table
+
+
+@pytest.mark.parametrize(
+    ("text", "seeds"),
+    [("3", 3), ("1", 1), ("0,2", [0, 2]), ("4,1", [4, 1]), ("2-2", [2]), ("0-1,4", [0, 1, 4])],
+)
+def test_seeds_are_a_count_or_a_list(text, seeds):
+    assert seeds_arg(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1,1", "a", "1,-2", "", "3-1", "0-2,1"])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a count"):
+        seeds_arg(text)
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(configs, tmp_path):

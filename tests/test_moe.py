@@ -97,14 +97,21 @@ def test_dropless_matches_per_token_loop(top_k, n_shared, activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_routed_experts_gradcheck_with_empty_expert(activation):
+@pytest.mark.parametrize(
+    ("hidden", "zero_gate"),
+    [(3, False), (3, True), (5, False)],  # gate at the hidden width (a zero gate), at d
+)
+def test_routed_experts_gradcheck_with_empty_expert(activation, hidden, zero_gate):
     torch.manual_seed(0)
-    ex = moe.Experts(3, 4, 3, activation, bias=True).double()
+    ex = moe.Experts(3, 4, hidden, activation, bias=True).double()
     with torch.no_grad():
         for p in ex.parameters():
             p.normal_()
     x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    gates = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    gates = torch.rand(7, dtype=torch.float64)
+    if zero_gate:  # <u, g * a> / g cannot give this row's gate gradient
+        gates[5] = 0.0
+    gates.requires_grad_()
     tok = torch.tensor([0, 3, 4, 1, 0, 2, 3])  # expert 0: 4 rows, 1: none, 2: 3 rows
 
     def f(x, gates, *params):

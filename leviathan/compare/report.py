@@ -14,8 +14,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from leviathan.compare.results import paired_differences
+
 if TYPE_CHECKING:
-    from leviathan.compare.results import Comparison, ConfigResult
+    from leviathan.compare.results import Comparison, ConfigResult, Split
 
 PLOT_STEPS = "val_bpc_steps.png"
 PLOT_TIME = "val_bpc_time.png"
@@ -51,44 +53,60 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def mean_text(values: tuple[float, float] | None, runs: int) -> str:
+    """`mean ± std` over several runs, the value alone for one, `-` for none."""
+    if values is None:
+        return "-"
+    return f"{values[0]:.4f} ± {values[1]:.4f}" if runs > 1 else f"{values[0]:.4f}"
+
+
 def markdown(c: Comparison) -> str:
     seeds = ", ".join(str(s) for s in c.seeds)
+    heldout = "heldout_tokens" in c.data
+    data_line = (
+        f"Data: `{c.data['dir']}` (vocabulary {c.data['vocab_size']:,}; train "
+        f"{c.data['train_tokens']:,} tokens; val {c.data['val_tokens']:,} tokens, "
+        f"{c.data['val_characters']:,} characters"
+    )
+    if heldout:
+        names = ", ".join(Path(d).stem for d in c.data["heldout_documents"])
+        data_line += (
+            f"; held out {c.data['heldout_tokens']:,} tokens, "
+            f"{c.data['heldout_characters']:,} characters: {names}"
+        )
     lines = [
         f"# Comparison: budget {c.budget}, seeds {seeds}",
         "",
-        f"Data: `{c.data['dir']}` (vocabulary {c.data['vocab_size']:,}; train "
-        f"{c.data['train_tokens']:,} tokens; val {c.data['val_tokens']:,} tokens, "
-        f"{c.data['val_characters']:,} characters).",
+        data_line + ").",
         "",
-        "| config | mixer | ffn | params | active | FLOPs/token | final val BPC | best val BPC "
-        "| tokens/s | runs ok |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| config | mixer | ffn | params | active | FLOPs/token | final val BPC "
+        + ("| held-out BPC " if heldout else "")
+        + "| best val BPC | tokens/s | runs ok |",
+        "|---|---|---|---:|---:|---:|---:|" + ("---:|" if heldout else "") + "---:|---:|---:|",
     ]
     for r in c.configs:
-        final = r.final_bpc()
-        if final is None:
-            final_text = "-"
-        elif len(r.ok) > 1:
-            final_text = f"{final[0]:.4f} ± {final[1]:.4f}"
-        else:
-            final_text = f"{final[0]:.4f}"
+        n_ok = len(r.ok)
         size = r.size
         lines.append(
             f"| {cell(r.label)} | {cell(r.mixer)} | {cell(r.ffn)} "
             f"| {fmt_count(size.total if size else None)} "
             f"| {fmt_count(size.active if size else None)} "
             f"| {fmt_count(size.flops_per_token if size else None)} "
-            f"| {final_text} | {fmt(r.best_bpc(), '.4f')} | {fmt(r.tokens_per_s(), ',.0f')} "
-            f"| {len(r.ok)}/{len(r.runs)} |"
+            f"| {mean_text(r.final_bpc(), n_ok)} "
+            + (f"| {mean_text(r.final_bpc('heldout'), n_ok)} " if heldout else "")
+            + f"| {fmt(r.best_bpc(), '.4f')} | {fmt(r.tokens_per_s(), ',.0f')} "
+            f"| {n_ok}/{len(r.runs)} |"
         )
+    lines += paired_table(c.configs, ("val", "heldout") if heldout else ("val",))
     lines += [
         "",
-        "Final val BPC: the whole validation split, exact, after the last step; mean ± sample "
-        "standard deviation over the seeds that finished. Best val BPC: the lowest any seed "
-        "reached at any evaluation (periodic evaluations score the first `train.eval_tokens` "
-        "val tokens, an estimate) or at the end. FLOPs/token: active forward FLOPs at "
-        "`train.seq_len` (training is about 3x). tokens/s: median training throughput over "
-        "the steps of a run, mean over seeds.",
+        "Final val BPC: the whole validation split, exact, after the last step; mean ± "
+        "sample standard deviation over the seeds that finished. Held-out BPC: the same on "
+        "the whole documents of `data.val_documents`, which training never saw. Best val "
+        "BPC: the lowest any seed reached at any evaluation (periodic evaluations score the "
+        "first `train.eval_tokens` val tokens, an estimate) or at the end. FLOPs/token: "
+        "active forward FLOPs at `train.seq_len` (training is about 3x). tokens/s: median "
+        "training throughput over the steps of a run, mean over seeds.",
         "",
         "## Runs",
         "",
@@ -115,6 +133,34 @@ def markdown(c: Comparison) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def paired_table(configs: list[ConfigResult], splits: tuple[Split, ...]) -> list[str]:
+    """Each config minus the first, seed by seed, on each split: the mean difference,
+    its spread over the seeds and every difference."""
+    rows = [d for split in splits for d in paired_differences(configs, split)]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Paired differences against {configs[0].label}",
+        "",
+        "| config | split | seeds | mean BPC difference | std | per seed |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for d in rows:
+        per_seed = ", ".join(f"{s}: {v:+.4f}" for s, v in zip(d.seeds, d.differences, strict=True))
+        lines.append(
+            f"| {cell(d.label)} | {d.split} | {len(d.seeds)} | {d.mean:+.4f} | {d.std:.4f} "
+            f"| {per_seed} |"
+        )
+    lines += [
+        "",
+        f"Difference: the config's final BPC minus {configs[0].label}'s at the same seed "
+        "(negative: better than the baseline); std: sample standard deviation of the "
+        "per-seed differences (0 for one seed).",
+    ]
+    return lines
 
 
 def band(runs, x_key: str) -> tuple[list[float], list[float], list[float], list[float]]:

@@ -24,6 +24,7 @@ class RunResult:
     steps: int | None = None
     final_val_bpc: float | None = None
     final_val_loss: float | None = None
+    final_heldout_bpc: float | None = None  # the held-out documents (data.val_documents)
     best_val_bpc: float | None = None
     tokens_per_s: float | None = None  # median training throughput over the steps
     train_s: float | None = None  # training time (all sessions, periodic evals included)
@@ -43,12 +44,13 @@ class ConfigResult:
     def ok(self) -> list[RunResult]:
         return [r for r in self.runs if r.status != "failed"]
 
-    def final_bpc(self) -> tuple[float, float] | None:
-        """Mean and sample standard deviation (0 for one run) of the finished runs."""
-        values = [r.final_val_bpc for r in self.ok if r.final_val_bpc is not None]
-        if not values:
-            return None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    def final_bpc(self, split: Split = "val") -> tuple[float, float] | None:
+        """Mean and sample standard deviation of the finished runs' final BPC on `split`."""
+        return mean_std([final_of(r, split) for r in self.ok])
+
+    def by_seed(self, split: Split) -> dict[int, float]:
+        """Final BPC on `split` of each seed that finished."""
+        return {r.seed: v for r in self.ok if (v := final_of(r, split)) is not None}
 
     def best_bpc(self) -> float | None:
         values = [r.best_val_bpc for r in self.ok if r.best_val_bpc is not None]
@@ -59,7 +61,7 @@ class ConfigResult:
         return statistics.fmean(values) if values else None
 
     def to_dict(self) -> dict[str, Any]:
-        final = self.final_bpc()
+        final, heldout = self.final_bpc(), self.final_bpc("heldout")
         return {
             "label": self.label,
             "config": self.config_path,
@@ -70,11 +72,64 @@ class ConfigResult:
             "flops_per_token": self.size.flops_per_token if self.size else None,
             "final_val_bpc_mean": final[0] if final else None,
             "final_val_bpc_std": final[1] if final else None,
+            "final_heldout_bpc_mean": heldout[0] if heldout else None,
+            "final_heldout_bpc_std": heldout[1] if heldout else None,
             "best_val_bpc": self.best_bpc(),
             "tokens_per_s": self.tokens_per_s(),
             "runs_ok": len(self.ok),
             "runs": [asdict(r) for r in self.runs],
         }
+
+
+Split = Literal["val", "heldout"]
+
+
+def final_of(run: RunResult, split: Split) -> float | None:
+    return run.final_val_bpc if split == "val" else run.final_heldout_bpc
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (0 for one value) of the values not None."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """A config's final BPC minus the baseline's, seed by seed (same seed, same data
+    order and init draws where the shapes agree), over the seeds both finished."""
+
+    label: str
+    baseline: str
+    split: Split
+    seeds: list[int]
+    differences: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.differences)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation of the differences (0 for one seed)."""
+        return statistics.stdev(self.differences) if len(self.differences) > 1 else 0.0
+
+
+def paired_differences(configs: list[ConfigResult], split: Split) -> list[PairedDifference]:
+    """Every config after the first against the first (the baseline), on `split`."""
+    if not configs:
+        return []
+    base = configs[0].by_seed(split)
+    out = []
+    for config in configs[1:]:
+        mine = config.by_seed(split)
+        seeds = sorted(set(base) & set(mine))
+        if seeds:
+            diffs = [mine[s] - base[s] for s in seeds]
+            out.append(PairedDifference(config.label, configs[0].label, split, seeds, diffs))
+    return out
 
 
 @dataclass
@@ -95,6 +150,11 @@ class Comparison:
             "seeds": self.seeds,
             "data": self.data,
             "configs": [c.to_dict() for c in self.configs],
+            "paired_differences": [
+                {**asdict(d), "mean": d.mean, "std": d.std}
+                for split in ("val", "heldout")
+                for d in paired_differences(self.configs, split)
+            ],
         }
 
 
@@ -137,6 +197,7 @@ def collect(spec: RunSpec, status: str, error: str | None = None) -> RunResult:
         result.steps = summary["steps"]
         result.final_val_bpc = summary["val_bpc"]
         result.final_val_loss = summary["val_loss"]
+        result.final_heldout_bpc = summary.get("heldout_bpc")  # absent before val_documents
     bests = [p["val_bpc"] for p in curve] + (
         [result.final_val_bpc] if result.final_val_bpc is not None else []
     )

@@ -21,6 +21,7 @@ from leviathan.compare.results import (
     read_records,
 )
 from leviathan.data import prepare
+from leviathan.data.shards import HELDOUT
 from leviathan.errors import Interrupted
 from leviathan.model import FFNS, MIXERS
 from leviathan.sizing import model_size
@@ -123,6 +124,10 @@ def compare(
         "val_tokens": index.splits["val"]["tokens"],
         "val_characters": index.splits["val"]["characters"],
     }
+    if HELDOUT in index.splits:
+        data["heldout_tokens"] = index.splits[HELDOUT]["tokens"]
+        data["heldout_characters"] = index.splits[HELDOUT]["characters"]
+        data["heldout_documents"] = index.meta.get("heldout_documents", [])
     comparison = Comparison(out, budget, seed_list, data, results)
     write_report(comparison)
     return comparison
