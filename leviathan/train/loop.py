@@ -260,7 +260,7 @@ def run_training(
         f"model: {n_params:,} parameters ({n_active:,} active), "
         f"{flops_per_token / 1e6:.1f} MFLOPs/token forward, "
         f"mixer {model_cfg.mixer.kind}, ffn {model_cfg.ffn.kind}; "
-        + ", ".join(f"{k} {v}" for k, v in parallel.items())
+        + ", ".join(f"{k} {v}" for k, v in parallel.items() if v is not None)  # torch: no ZeRO
         + f"; compiled {compiled}"
     )
     parallel["local_params"] = engine.local_param_numel()  # this rank's; ZeRO-3: ~1/world
