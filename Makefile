@@ -30,7 +30,7 @@ bench-attention: $(STAMP)
 	$(PY) benchmarks/attention.py
 
 bench-moe: $(STAMP)
-	$(PY) benchmarks/moe.py --threads 1
+	$(PY) benchmarks/moe.py --threads 1 --repeats 7
 
 bench-scaling: $(STAMP)
 	$(PY) benchmarks/scaling.py --steps 30
@@ -53,16 +53,17 @@ study: $(STAMP)
 	done
 
 # Study v2 (docs/results.md): Transformer++ (dot, RoPE, RMSNorm, SwiGLU), Primer's dconv,
-# token_xcorr W=4 with RoPE and with learned positions; 3 seeds; 3 epochs of the 1.53M-token
-# train split; 2.2M parameters, then 9.6M. Seeds 0..n-1 for n = 1, 2, 3 (the finished runs
+# token_xcorr W=4 with RoPE, and dot and token_xcorr with learned positions; 3 seeds;
+# 3 epochs of the 1.53M-token train split; 2.2M parameters, then 9.6M. Seeds 0..n-1 for n = 1, 2, 3 (the finished runs
 # reused), so an interrupted study has every config at the seeds it reached; rerunning
-# reuses finished runs and resumes interrupted ones.
-STUDY2 := $(foreach c,dot dconv xcorr xcorr-learned,configs/study2-$(c).yaml)
+# reuses finished runs and resumes interrupted ones. STUDY2_SIZES=small runs one size.
+STUDY2 := $(foreach c,dot dconv xcorr dot-learned xcorr-learned,configs/study2-$(c).yaml)
 STUDY2_BUDGET ?= tokens=4.6e6
 STUDY2_THREADS ?= 2
+STUDY2_SIZES ?= small medium
 STUDY2_MEDIUM := model.d_model=384 model.n_layer=5 model.n_head=6 train.lr=1.0e-3
 study-v2: $(STAMP)
-	for size in small medium; do \
+	for size in $(STUDY2_SIZES); do \
 	  extra=$$( [ $$size = medium ] && echo "$(STUDY2_MEDIUM)" ); \
 	  for seeds in 1 2 3; do \
 	    $(VENV)/bin/leviathan compare $(STUDY2) $$extra train.threads=$(STUDY2_THREADS) \

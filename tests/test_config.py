@@ -33,6 +33,30 @@ def test_small_config_is_about_125m_parameters():
     assert 115e6 < n < 135e6, n
 
 
+STUDY2 = ["dot", "dconv", "xcorr", "dot-learned", "xcorr-learned"]
+
+
+def test_study_v2_configs_differ_only_in_mixer_and_positions_and_match_in_size():
+    from leviathan.sizing import model_size
+
+    cfgs = {name: load_config(f"configs/study2-{name}.yaml") for name in STUDY2}
+    sizes = {name: model_size(cfg).total for name, cfg in cfgs.items()}
+    assert max(sizes.values()) / min(sizes.values()) - 1 < 0.012, sizes
+    assert {n: c.model.positions for n, c in cfgs.items()} == {
+        "dot": "rope", "dconv": "rope", "xcorr": "rope",
+        "dot-learned": "learned", "xcorr-learned": "learned",
+    }  # fmt: skip
+    rest = []
+    for cfg in cfgs.values():
+        d = cfg.to_dict()
+        for section, key in (("model", "mixer"), ("model", "positions"), ("run", "dir")):
+            d[section].pop(key)
+        rest.append(d)
+    assert all(d == rest[0] for d in rest)
+    assert cfgs["dot-learned"].model.mixer.kind == "dot"
+    assert cfgs["xcorr"].model.mixer == cfgs["xcorr-learned"].model.mixer
+
+
 def test_overrides_are_typed_and_nested():
     cfg = load_config(
         "configs/tiny.yaml",
