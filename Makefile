@@ -54,9 +54,9 @@ study: $(STAMP)
 
 # Study v2 (docs/results.md): Transformer++ (dot, RoPE, RMSNorm, SwiGLU), Primer's dconv,
 # token_xcorr W=4 with RoPE, and dot and token_xcorr with learned positions; 3 seeds;
-# 3 epochs of the 1.53M-token train split; 2.2M parameters, then 9.6M. Seeds 0..n-1 for n = 1, 2, 3 (the finished runs
-# reused), so an interrupted study has every config at the seeds it reached; rerunning
-# reuses finished runs and resumes interrupted ones. STUDY2_SIZES=small runs one size.
+# 3 epochs of the 1.53M-token train split; 2.2M parameters, then 9.6M. Seeds 0..n-1 for
+# n = 1, 2, 3 (the finished runs reused), so an interrupted study has every config at the
+# seeds it reached; rerunning reuses finished runs and resumes interrupted ones. STUDY2_SIZES=small runs one size.
 STUDY2 := $(foreach c,dot dconv xcorr dot-learned xcorr-learned,configs/study2-$(c).yaml)
 STUDY2_BUDGET ?= tokens=4.6e6
 STUDY2_THREADS ?= 2

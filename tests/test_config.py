@@ -14,14 +14,19 @@ def test_default_config_loads_and_is_token_xcorr():
     assert isinstance(cfg.model.mixer, TokenXcorrOptions)
 
 
+def without(path: str, *keys: str) -> dict:
+    """The config at `path` as a dict, without the dotted `keys`."""
+    d = load_config(path).to_dict()
+    for key in keys:
+        section, name = key.split(".")
+        d[section].pop(name)
+    return d
+
+
 def test_tiny_dot_differs_from_tiny_only_in_mixer_and_run_dir():
-    tiny = load_config("configs/tiny.yaml").to_dict()
-    dot = load_config("configs/tiny-dot.yaml").to_dict()
-    assert dot["model"]["mixer"] == {"kind": "dot"}
-    for d in (tiny, dot):
-        d["model"].pop("mixer")
-        d["run"].pop("dir")
-    assert tiny == dot
+    assert load_config("configs/tiny-dot.yaml").to_dict()["model"]["mixer"] == {"kind": "dot"}
+    keys = ("model.mixer", "run.dir")
+    assert without("configs/tiny.yaml", *keys) == without("configs/tiny-dot.yaml", *keys)
 
 
 def test_small_config_is_about_125m_parameters():
@@ -46,12 +51,8 @@ def test_study_v2_configs_differ_only_in_mixer_and_positions_and_match_in_size()
         "dot": "rope", "dconv": "rope", "xcorr": "rope",
         "dot-learned": "learned", "xcorr-learned": "learned",
     }  # fmt: skip
-    rest = []
-    for cfg in cfgs.values():
-        d = cfg.to_dict()
-        for section, key in (("model", "mixer"), ("model", "positions"), ("run", "dir")):
-            d[section].pop(key)
-        rest.append(d)
+    keys = ("model.mixer", "model.positions", "run.dir")
+    rest = [without(f"configs/study2-{name}.yaml", *keys) for name in STUDY2]
     assert all(d == rest[0] for d in rest)
     assert cfgs["dot-learned"].model.mixer.kind == "dot"
     assert cfgs["xcorr"].model.mixer == cfgs["xcorr-learned"].model.mixer
