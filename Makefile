@@ -30,7 +30,7 @@ bench-attention: $(STAMP)
 	$(PY) benchmarks/attention.py
 
 bench-moe: $(STAMP)
-	$(PY) benchmarks/moe.py --threads 1 --repeats 7
+	$(PY) benchmarks/moe.py --threads 1 --repeats 5 --processes 3
 
 bench-scaling: $(STAMP)
 	$(PY) benchmarks/scaling.py --steps 30

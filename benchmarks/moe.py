@@ -1,6 +1,6 @@
 """Time our MoE layer against DeepSpeed's MoE layer and a dense FFN of equal active width.
 
-    python benchmarks/moe.py --threads 1 --tokens 4096 16384 --repeats 5 \
+    python benchmarks/moe.py --threads 1 --tokens 4096 16384 --repeats 5 --processes 3 \
         --out benchmarks/results/moe.json
 
 One process, one input per (case, token count), shared by every layer. For each case
@@ -30,6 +30,13 @@ The ratios (ours/DS, ours/dense, grouped/loop) are paired: the median over round
 two layers' times in the same round, with the range of those per-round ratios. Load that
 drifts between rounds (a 16,384-token round takes about 30 s) cancels within a round; the
 ratio of the two medians, which it does not cancel, is kept too (``*_of_medians``).
+
+``--processes N`` times each (case, T) in N fresh processes, one after another, and pools
+their rounds (the per-process paired medians are in the JSON and the table). A process
+adds its own error that pairing cannot cancel: where its tensors land (page and cache
+placement, the allocator's state) moved ours/dense at d512-E64-k8, T=16,384, from 0.86x
+to 1.09x between processes running the same code on a quiet machine, while the rounds
+within one process agreed to a few percent. ``make bench-moe`` uses 3.
 
 Loss (what the backward differentiates):
 - ours:  ``out.sum() + layer.aux_loss`` (the layer's own auxiliary loss: with ``balance="aux"``
@@ -335,18 +342,25 @@ def memory_worker(name: str, T: int, seed: int) -> dict:
     return out | {"moe_sources_sha256": _sources_sha256(Path(moe.__file__).parent)}
 
 
-def measure_memory(name: str, T: int, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", name, str(T)]
-    cmd += ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+def in_subprocess(worker: str, name: str, T: int, args, env: dict[str, str]) -> dict:
+    """Run `--memory-worker` or `--time-worker` for one (case, T) in a fresh process."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), worker, name, str(T)]
+    cmd += ["--seed", str(args.seed), "--repeats", str(args.repeats), "--budget", str(args.budget)]
+    cmd += ["--device", args.device, "--dtype", args.dtype]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     for line in proc.stdout.splitlines():
-        if line.startswith(_MEMORY_TAG):
-            return json.loads(line[len(_MEMORY_TAG) :])
+        if line.startswith(_RESULT_TAG):
+            return json.loads(line[len(_RESULT_TAG) :])
     return {"error": (proc.stderr or proc.stdout)[-300:]}
 
 
-_MEMORY_TAG = "MOE_BENCH_MEMORY "
+def measure_memory(name: str, T: int, args) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    return in_subprocess("--memory-worker", name, T, args, env)
+
+
+_RESULT_TAG = "MOE_BENCH_RESULT "
 
 
 def profile_layer(layer, forward, x, iters: int = 3, top: int = 15) -> dict:
@@ -410,9 +424,9 @@ def build_layers(
     return x, layers, skipped
 
 
-def run_case(name: str, T: int, args, log) -> dict:
-    d, n_experts, k, mult = CASES[name]
-    h = int(round(mult * d))
+def time_case(name: str, T: int, args) -> dict:
+    """What one process measures of one (case, T): build the layers, cross-check ours
+    against DeepSpeed, warm up, then time the rounds (seconds per layer per round)."""
     x, layers, skipped = build_layers(name, T, args.seed, args.device, getattr(torch, args.dtype))
     names = [n for n in LAYERS if n in layers]
     # cross-check: with router and experts copied, the two dropless layers compute the same
@@ -443,13 +457,48 @@ def run_case(name: str, T: int, args, log) -> dict:
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
             times[n].append(_step(layers[n][0], layers[n][1], x))
-    ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
     ours_metrics = {}
     for mode in ("dropless", "capacity"):
-        layer = layers[f"ours_{mode}"][0]
-        if hasattr(layer, "pop_metrics"):
-            m = layer.pop_metrics()
-            ours_metrics[mode] = {key: m[key] for key in ("dropped_frac", "imbalance") if key in m}
+        m = layers[f"ours_{mode}"][0].pop_metrics()
+        ours_metrics[mode] = {key: m[key] for key in ("dropped_frac", "imbalance") if key in m}
+    return {
+        "times": times,
+        "round_s": round_s,
+        "ours_metrics": ours_metrics,
+        "skipped": skipped,
+        "agreement": agreement,
+        "params": {n: sum(p.numel() for p in layers[n][0].parameters()) for n in names},
+        "_layers": layers,  # for the profile; dropped before writing JSON
+        "_x": x,
+    }
+
+
+def time_in_processes(name: str, T: int, args) -> list[dict]:
+    """time_case in this process (--processes 1) or in each of N fresh ones in turn."""
+    if args.processes == 1:
+        return [time_case(name, T, args)]
+    env = dict(os.environ)
+    runs = [in_subprocess("--time-worker", name, T, args, env) for _ in range(args.processes)]
+    failed = [r["error"] for r in runs if "error" in r]
+    if failed:
+        raise RuntimeError(f"{name} T={T}: a timing process failed: {failed[0]}")
+    return runs
+
+
+def run_case(name: str, T: int, args, log) -> dict:
+    d, n_experts, k, mult = CASES[name]
+    h = int(round(mult * d))
+    runs = time_in_processes(name, T, args)
+    # the rounds of all processes pooled; the per-process medians show what a process adds
+    times = {n: [t for run in runs for t in run["times"][n]] for n in runs[0]["times"]}
+    ms = {n: statistics.median(v) * 1e3 for n, v in times.items()}
+    first = runs[0]  # same seed, inputs and routing in every process
+
+    def by_process(a: str, b: str) -> list[float] | None:
+        if len(runs) == 1 or a not in times or b not in times:
+            return None
+        return [paired_ratio(run["times"], a, b)["median"] for run in runs]
+
     mem = measure_memory(name, T, args) if args.memory else None
 
     result = {
@@ -460,15 +509,16 @@ def run_case(name: str, T: int, args, log) -> dict:
         "expert_hidden": h,
         "dense_hidden": k * h,
         "tokens": T,
-        "repeats": repeats,
-        "round_s": round(round_s, 3),
+        "processes": len(runs),
+        "repeats": len(times["dense"]),
+        "round_s": round(statistics.median(run["round_s"] for run in runs), 3),
         "ms": {n: round(v, 2) for n, v in ms.items()},
         "ms_all": {n: [round(t * 1e3, 2) for t in v] for n, v in times.items()},
         "peak_rss_growth_mib": mem,
-        "ours_metrics": ours_metrics,
-        "skipped": skipped,
-        "ours_vs_ds_outputs": agreement,
-        "params": {n: sum(p.numel() for p in layers[n][0].parameters()) for n in names},
+        "ours_metrics": first["ours_metrics"],
+        "skipped": first["skipped"],
+        "ours_vs_ds_outputs": first["agreement"],
+        "params": first["params"],
         "rows": [],
         "grouped_over_loop": paired_ratio(times, "ours_grouped", "ours_dropless")["median"],
     }
@@ -481,14 +531,16 @@ def run_case(name: str, T: int, args, log) -> dict:
                 "mode": mode,
                 "ours_ms": round(ms[f"ours_{mode}"], 2),
                 "ds_ms": None if ds_ms is None else round(ds_ms, 2),
-                "ds_na_reason": skipped.get(f"ds_{mode}"),
+                "ds_na_reason": first["skipped"].get(f"ds_{mode}"),
                 "dense_ms": round(ms["dense"], 2),
                 "ours_over_ds": None if vs_ds is None else vs_ds["median"],
                 "ours_over_ds_range": None if vs_ds is None else vs_ds["range"],
                 "ours_over_ds_of_medians": None if vs_ds is None else vs_ds["of_medians"],
+                "ours_over_ds_by_process": by_process(f"ours_{mode}", f"ds_{mode}"),
                 "ours_over_dense": vs_dense["median"],
                 "ours_over_dense_range": vs_dense["range"],
                 "ours_over_dense_of_medians": vs_dense["of_medians"],
+                "ours_over_dense_by_process": by_process(f"ours_{mode}", "dense"),
                 "goal_vs_ds_met": None if vs_ds is None else vs_ds["median"] <= GOAL_VS_DS,
                 "goal_vs_dense_met": vs_dense["median"] <= dense_goal(n_experts),
             }
@@ -496,10 +548,9 @@ def run_case(name: str, T: int, args, log) -> dict:
     log(
         f"  {name} T={T}: "
         + ", ".join(f"{n} {v:.1f} ms" for n, v in ms.items())
-        + f" ({repeats} repeats)"
+        + f" ({result['repeats']} rounds in {len(runs)} process(es))"
     )
-    result["_layers"] = layers  # for the profile; dropped before writing JSON
-    result["_x"] = x
+    result["_layers"], result["_x"] = first.get("_layers"), first.get("_x")
     return result
 
 
@@ -538,6 +589,9 @@ def print_table(results: list[dict]) -> None:
             )
             if row["ds_na_reason"]:
                 print(f"{'':<12} DS N/A: {row['ds_na_reason']}")
+            if row["ours_over_dense_by_process"]:
+                each = ", ".join(f"{v:.2f}" for v in row["ours_over_dense_by_process"])
+                print(f"{'':<12} ours/dense in each process: {each}")
     if any(res["peak_rss_growth_mib"] for res in results):
         print()
         print("peak RSS growth over one forward+backward, MiB")
@@ -596,7 +650,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="time each (case, tokens) in this many fresh processes, rounds pooled (1: here)",
+    )
     ap.add_argument("--memory-worker", nargs=2, metavar=("CASE", "TOKENS"), help=argparse.SUPPRESS)
+    ap.add_argument("--time-worker", nargs=2, metavar=("CASE", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "cuda":  # memory and profiles read this process's CPU side
         args.memory, args.profile = False, "never"
@@ -607,9 +668,15 @@ def main(argv: list[str] | None = None) -> dict:
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
-    if args.memory_worker:
-        case, tokens = args.memory_worker
-        print(_MEMORY_TAG + json.dumps(memory_worker(case, int(tokens), args.seed)), flush=True)
+    if args.processes < 1:
+        ap.error(f"--processes: expected at least 1, got {args.processes}")
+    if args.memory_worker or args.time_worker:
+        case, tokens = args.memory_worker or args.time_worker
+        if args.memory_worker:
+            out = memory_worker(case, int(tokens), args.seed)
+        else:
+            out = {k: v for k, v in time_case(case, int(tokens), args).items() if k[0] != "_"}
+        print(_RESULT_TAG + json.dumps(out), flush=True)
         return {}
 
     def log(msg: str) -> None:
@@ -642,6 +709,11 @@ def main(argv: list[str] | None = None) -> dict:
             mode = row["mode"]
             base = f"ds_{mode}" if goal == "ds" else "dense"
             entry = {"goal": goal, "case": res["case"], "tokens": res["tokens"], "mode": mode}
+            if res["_layers"] is None:  # timed in other processes: build the layers here
+                dtype = getattr(torch, args.dtype)
+                res["_x"], res["_layers"], _ = build_layers(
+                    res["case"], res["tokens"], args.seed, args.device, dtype
+                )
             for who in (f"ours_{mode}", base):
                 layer, forward = res["_layers"][who]
                 entry[who] = profile_layer(layer, forward, res["_x"])
@@ -674,6 +746,7 @@ def main(argv: list[str] | None = None) -> dict:
         "capacity_factor": CAPACITY_FACTOR,
         "settings": {
             "repeats": args.repeats,
+            "processes": args.processes,
             "warmup": 2,
             "threads": torch.get_num_threads(),
             "device": args.device,
