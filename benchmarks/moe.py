@@ -136,13 +136,15 @@ def _cpu_jiffies() -> tuple[int, int]:
 
 
 def _self_jiffies() -> int:
+    """CPU time of this process and of its finished children (the time and memory workers)."""
     stat = Path("/proc/self/stat").read_text()
     rest = stat[stat.rindex(")") + 2 :].split()
-    return int(rest[11]) + int(rest[12])  # utime + stime (fields 14, 15)
+    return sum(int(v) for v in rest[11:15])  # utime, stime, cutime, cstime (fields 14-17)
 
 
 class LoadMeter:
-    """CPU time other processes use while this one runs, in cores on average."""
+    """CPU time other processes use while this one runs, in cores on average (this
+    benchmark's own worker processes count as this one)."""
 
     def __init__(self) -> None:
         self.loadavg_before = os.getloadavg()
