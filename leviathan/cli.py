@@ -203,6 +203,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         out=args.out,
         overrides=overrides,
         wandb=args.wandb,
+        report_only=args.report_only,
     )
     print(f"wrote {result.out / 'results.md'}, results.json and the val BPC plots")
     for run in result.failed:
@@ -374,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
     p.add_argument("--wandb", choices=["auto", "online", "offline", "disabled"], default="disabled")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the tables and plots from the runs that finished, the "
+        "others listed as pending",
+    )
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leviathan.cli import seeds_arg
+from leviathan.cli import main, seeds_arg
 from leviathan.compare import CompareError, compare, parse_budget
 from leviathan.compare.plan import MARKER, plan
 from leviathan.compare.results import cumulative_times
@@ -170,6 +170,26 @@ def test_a_changed_budget_or_config_is_refused_before_any_training(first):
     ):
         compare(paths[1:2], seeds=1, budget="steps=3", out=out, overrides=["train.eval_interval=3"])
     assert json.loads((out / "runs" / "dot-s0" / MARKER).read_text())["budget"] == "steps=3"
+
+
+def test_report_only_trains_nothing_and_lists_unfinished_runs_as_pending(first, capsys):
+    out, paths, result = first
+    folders = sorted(p.name for p in (out / "runs").iterdir())
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
+    argv = ["compare", *paths[:2], "--seeds", "0-2", "--budget", "steps=3", "--out", str(out)]
+    assert main([*argv, "--report-only"]) == 0
+    assert "xcorr-s2: not finished, pending" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "runs").iterdir()) == folders  # nothing started
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1, 2]
+    for row, old in zip(saved["configs"], result.configs[:2], strict=True):
+        assert [r["status"] for r in row["runs"]] == ["reused", "reused", "pending"]
+        assert row["runs_ok"] == 2
+        assert row["final_val_bpc_mean"] == pytest.approx(old.final_bpc()[0])
+    table = (out / "results.md").read_text()
+    assert "| xcorr-s2 | 2 | pending | - |" in table and "| 2/3 |" in table
 
 
 def test_heldout_bpc_and_paired_differences_are_reported(configs, tmp_path):

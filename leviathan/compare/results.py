@@ -19,7 +19,7 @@ class RunResult:
     label: str
     seed: int
     dir: str
-    status: Literal["trained", "resumed", "reused", "failed"]
+    status: Literal["trained", "resumed", "reused", "failed", "pending"]  # pending: not finished
     error: str | None = None
     steps: int | None = None
     final_val_bpc: float | None = None
@@ -42,7 +42,7 @@ class ConfigResult:
 
     @property
     def ok(self) -> list[RunResult]:
-        return [r for r in self.runs if r.status != "failed"]
+        return [r for r in self.runs if r.status not in ("failed", "pending")]
 
     def final_bpc(self, split: Split = "val") -> tuple[float, float] | None:
         """Mean and sample standard deviation of the finished runs' final BPC on `split`."""
@@ -187,7 +187,8 @@ def collect(spec: RunSpec, status: str, error: str | None = None) -> RunResult:
         for r, t in zip(records, times, strict=True)
         if "val_bpc" in r
     ]
-    summary = read_json(spec.dir / "summary.json") if status != "failed" else None
+    finished = status not in ("failed", "pending")
+    summary = read_json(spec.dir / "summary.json") if finished else None
     result = RunResult(spec.name, spec.label, spec.seed, str(spec.dir), status, error, curve=curve)
     if records:
         result.steps = records[-1]["step"]

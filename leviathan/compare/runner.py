@@ -29,14 +29,20 @@ from leviathan.train.checkpoint import latest_checkpoint
 from leviathan.train.rundir import METRICS_FILE
 
 
-def execute(spec: RunSpec, budget: Budget, log: Callable[[str], None]) -> RunResult:
-    """Train (or resume, or reuse) one run; an exception makes a failed result."""
+def execute(
+    spec: RunSpec, budget: Budget, log: Callable[[str], None], *, report_only: bool = False
+) -> RunResult:
+    """Train (or resume, or reuse) one run; an exception makes a failed result. With
+    `report_only` an unfinished run is reported as pending, not trained."""
     from leviathan.train.loop import train
 
     state = run_state(spec, budget)
     if state == "done":
         log(f"{spec.name}: finished earlier, reused")
         return collect(spec, "reused")
+    if report_only:
+        log(f"{spec.name}: not finished, pending")
+        return collect(spec, "pending")
     spec.dir.mkdir(parents=True, exist_ok=True)
     (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget), indent=1), encoding="utf-8")
     cfg = copy.deepcopy(spec.cfg)  # train() fills in model.vocab_size
@@ -75,11 +81,14 @@ def compare(
     out: str | Path = "runs/compare",
     overrides: Sequence[str] = (),
     wandb: str = "disabled",
+    report_only: bool = False,
     log: Callable[[str], None] = print,
 ) -> Comparison:
     """Train every config x seed under one budget on one dataset, then write
     `OUT/results.md`, `OUT/results.json` and the BPC plots. `seeds` is a count (seeds
-    0..n-1) or a list. Returns the comparison; its `failed` lists the runs that raised."""
+    0..n-1) or a list. Returns the comparison; its `failed` lists the runs that raised.
+    `report_only` trains nothing: the tables cover the runs that finished, the rest are
+    pending (so processes that split one study can write its whole table)."""
     from leviathan.compare.report import write_report
 
     budget = parse_budget(budget) if isinstance(budget, str) else budget
@@ -99,7 +108,7 @@ def compare(
         for spec in group:
             done += 1
             log(f"[{done}/{total}] {spec.name}")
-            runs.append(execute(spec, budget, log))
+            runs.append(execute(spec, budget, log, report_only=report_only))
         cfg = copy.deepcopy(group[0].cfg)
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = index.vocab_size
