@@ -12,6 +12,10 @@ from leviathan.sizing import ModelSize
 from leviathan.storage import read_records as metrics_records
 from leviathan.train.checkpoint import quiet
 
+# the statuses of a run that reached its budget; "failed" raised, "pending" (compare
+# --report-only) has not finished
+FINISHED = ("trained", "resumed", "reused")
+
 
 @dataclass
 class RunResult:
@@ -19,7 +23,7 @@ class RunResult:
     label: str
     seed: int
     dir: str
-    status: Literal["trained", "resumed", "reused", "failed", "pending"]  # pending: not finished
+    status: Literal["trained", "resumed", "reused", "failed", "pending"]
     error: str | None = None
     steps: int | None = None
     final_val_bpc: float | None = None
@@ -42,7 +46,7 @@ class ConfigResult:
 
     @property
     def ok(self) -> list[RunResult]:
-        return [r for r in self.runs if r.status not in ("failed", "pending")]
+        return [r for r in self.runs if r.status in FINISHED]
 
     def final_bpc(self, split: Split = "val") -> tuple[float, float] | None:
         """Mean and sample standard deviation of the finished runs' final BPC on `split`."""
@@ -187,8 +191,7 @@ def collect(spec: RunSpec, status: str, error: str | None = None) -> RunResult:
         for r, t in zip(records, times, strict=True)
         if "val_bpc" in r
     ]
-    finished = status not in ("failed", "pending")
-    summary = read_json(spec.dir / "summary.json") if finished else None
+    summary = read_json(spec.dir / "summary.json") if status in FINISHED else None
     result = RunResult(spec.name, spec.label, spec.seed, str(spec.dir), status, error, curve=curve)
     if records:
         result.steps = records[-1]["step"]
