@@ -176,20 +176,41 @@ def test_report_only_trains_nothing_and_lists_unfinished_runs_as_pending(first, 
     out, paths, result = first
     folders = sorted(p.name for p in (out / "runs").iterdir())
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}
-    argv = ["compare", *paths[:2], "--seeds", "0-2", "--budget", "steps=3", "--out", str(out)]
-    assert main([*argv, "--report-only"]) == 0
-    assert "xcorr-s2: not finished, pending" in capsys.readouterr().out
+    argv = ["compare", *paths, "--seeds", "0-2", "--budget", "steps=3", "--out", str(out)]
+    assert main([*argv, "--report-only"]) == 1  # the bad config's runs failed earlier
+    printed = capsys.readouterr().out
+    assert "xcorr-s2: not finished, pending" in printed
+    assert "bad-s0: FAILED earlier: ConfigError: model.vocab_size: 1000 differs" in printed
     assert sorted(p.name for p in (out / "runs").iterdir()) == folders  # nothing started
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
     saved = json.loads((out / "results.json").read_text())
     assert saved["seeds"] == [0, 1, 2]
-    for row, old in zip(saved["configs"], result.configs[:2], strict=True):
+    for row, old in zip(saved["configs"][:2], result.configs[:2], strict=True):
         assert [r["status"] for r in row["runs"]] == ["reused", "reused", "pending"]
         assert row["runs_ok"] == 2
         assert row["final_val_bpc_mean"] == pytest.approx(old.final_bpc()[0])
+    bad = saved["configs"][2]["runs"]
+    assert [r["status"] for r in bad] == ["failed", "failed", "pending"]
+    assert bad[0]["error"].startswith("ConfigError: model.vocab_size: 1000 differs")
     table = (out / "results.md").read_text()
     assert "| xcorr-s2 | 2 | pending | - |" in table and "| 2/3 |" in table
+
+
+def test_a_failed_run_tried_again_loses_its_old_error(configs, tmp_path):
+    out = tmp_path / "out"
+    budget = parse_budget("steps=2")
+    [[spec]] = plan([configs["dot"]], [0], budget, out, (), "disabled")
+    spec.dir.mkdir(parents=True)
+    (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget)))
+    (spec.dir / "error.txt").write_text("RuntimeError: out of memory\n\nTraceback ...")
+    report = compare([configs["dot"]], seeds=1, budget=budget, out=out, report_only=True, **QUIET)
+    [run] = report.configs[0].runs
+    assert (run.status, run.error) == ("failed", "RuntimeError: out of memory")
+
+    again = compare([configs["dot"]], seeds=1, budget=budget, out=out, **QUIET)
+    assert again.configs[0].runs[0].status == "trained"
+    assert not (spec.dir / "error.txt").exists()
 
 
 def test_heldout_bpc_and_paired_differences_are_reported(configs, tmp_path):

@@ -12,8 +12,9 @@ from leviathan.sizing import ModelSize
 from leviathan.storage import read_records as metrics_records
 from leviathan.train.checkpoint import quiet
 
-# the statuses of a run that reached its budget; "failed" raised, "pending" (compare
-# --report-only) has not finished
+# the statuses of a run that reached its budget. The others: "failed" (it raised, in this
+# try or, read from its error.txt by compare --report-only, an earlier one) and "pending"
+# (compare --report-only: not finished)
 FINISHED = ("trained", "resumed", "reused")
 
 

@@ -28,22 +28,31 @@ from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
 from leviathan.train.rundir import METRICS_FILE
 
+ERROR_FILE = "error.txt"
+
 
 def execute(
     spec: RunSpec, budget: Budget, log: Callable[[str], None], *, report_only: bool = False
 ) -> RunResult:
-    """Train (or resume, or reuse) one run; an exception makes a failed result. With
-    `report_only` an unfinished run is reported as pending, not trained."""
+    """Train (or resume, or reuse) one run; an exception makes a failed result, its
+    message and traceback kept in `error.txt` until the run is tried again. With `report_only` an
+    unfinished run is reported as it stands: failed (with its error) or pending."""
     from leviathan.train.loop import train
 
     state = run_state(spec, budget)
     if state == "done":
         log(f"{spec.name}: finished earlier, reused")
         return collect(spec, "reused")
+    error_file = spec.dir / ERROR_FILE
     if report_only:
+        if error_file.is_file():
+            message = error_file.read_text(encoding="utf-8").partition("\n")[0]
+            log(f"{spec.name}: FAILED earlier: {message}")
+            return collect(spec, "failed", message)
         log(f"{spec.name}: not finished, pending")
         return collect(spec, "pending")
     spec.dir.mkdir(parents=True, exist_ok=True)
+    error_file.unlink(missing_ok=True)  # this try's error, if any, replaces it
     (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget), indent=1), encoding="utf-8")
     cfg = copy.deepcopy(spec.cfg)  # train() fills in model.vocab_size
     try:
@@ -67,7 +76,7 @@ def execute(
         raise
     except Exception as err:  # a failed run is reported; the others go on
         message = f"{type(err).__name__}: {err}"
-        (spec.dir / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        error_file.write_text(f"{message}\n\n{traceback.format_exc()}", encoding="utf-8")
         log(f"{spec.name}: FAILED: {message}")
         return collect(spec, "failed", message)
     return collect(spec, "resumed" if state == "resume" else "trained")
