@@ -172,7 +172,7 @@ def test_a_changed_budget_or_config_is_refused_before_any_training(first):
     assert json.loads((out / "runs" / "dot-s0" / MARKER).read_text())["budget"] == "steps=3"
 
 
-def test_report_only_trains_nothing_and_lists_unfinished_runs_as_pending(first, capsys):
+def test_report_only_trains_nothing_and_lists_unfinished_runs_as_failed_or_pending(first, capsys):
     out, paths, result = first
     folders = sorted(p.name for p in (out / "runs").iterdir())
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/summary.json")}

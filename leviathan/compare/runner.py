@@ -35,8 +35,9 @@ def execute(
     spec: RunSpec, budget: Budget, log: Callable[[str], None], *, report_only: bool = False
 ) -> RunResult:
     """Train (or resume, or reuse) one run; an exception makes a failed result, its
-    message and traceback kept in `error.txt` until the run is tried again. With `report_only` an
-    unfinished run is reported as it stands: failed (with its error) or pending."""
+    message and traceback kept in `error.txt` until the run is tried again. With
+    `report_only` an unfinished run is reported as it stands: failed (with its error) or
+    pending."""
     from leviathan.train.loop import train
 
     state = run_state(spec, budget)
