@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from leviathan.config import load_config  # noqa: E402
 from leviathan.model import Leviathan  # noqa: E402
-from leviathan.train.recompute import apply_activation_checkpointing  # noqa: E402
+from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -36,7 +36,7 @@ import moe  # noqa: E402
 from leviathan.data import load_index, load_tokens  # noqa: E402
 from leviathan.data.sampler import eval_windows  # noqa: E402
 from leviathan.model import Leviathan  # noqa: E402
-from leviathan.run import load_run  # noqa: E402
+from leviathan.trained import load_run  # noqa: E402
 
 
 def with_capacity(run, factor: float, policy: str) -> Leviathan:

@@ -10,7 +10,7 @@ compiled step (compilation; seconds when inductor's on-disk cache is warm, 30-40
 cold), then the median of `--steps` steps after `--warmup`
 warm-up steps, compiled / eager, and the compiled step's TFLOP/s and MFU (against the
 device's peak at `--precision`; none on a CPU). This table is the measurement behind
-`train.compile: auto` (leviathan/train/compiled.py). On a GPU (benchmarks/gpu_check.sh):
+`train.compile: auto` (leviathan/parallel/torch_compile.py). On a GPU (benchmarks/gpu_check.sh):
 
     python benchmarks/train_step.py --device cuda --precision bf16 --configs small.yaml
 """
@@ -33,10 +33,10 @@ import torch  # noqa: E402
 
 from leviathan.config import load_config  # noqa: E402
 from leviathan.model import Leviathan  # noqa: E402
+from leviathan.parallel.optim import build_adamw  # noqa: E402
+from leviathan.parallel.precision import autocast  # noqa: E402
+from leviathan.parallel.torch_compile import apply_compile  # noqa: E402
 from leviathan.train import mfu  # noqa: E402
-from leviathan.train.compiled import apply_compile  # noqa: E402
-from leviathan.train.device import autocast  # noqa: E402
-from leviathan.train.optim import build_adamw  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,12 +24,12 @@ import torch  # noqa: E402
 
 from leviathan.config import load_config  # noqa: E402
 from leviathan.data import get_batch, load_tokens, prepare  # noqa: E402
-from leviathan.distributed.world import init_world, leave_world  # noqa: E402
-from leviathan.distributed.zero_init import build_model, full_size  # noqa: E402
+from leviathan.parallel.deepspeed.zero3 import build_model, full_size  # noqa: E402
+from leviathan.parallel.engines import ENGINES  # noqa: E402
+from leviathan.parallel.world import init_world, leave_world  # noqa: E402
 from leviathan.train.checkpoint import quiet  # noqa: E402
-from leviathan.train.engines import ENGINES  # noqa: E402
-from leviathan.train.loop import model_config_for  # noqa: E402
 from leviathan.train.schedule import lr_at  # noqa: E402
+from leviathan.train.trainer import model_config_for  # noqa: E402
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 

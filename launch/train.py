@@ -29,7 +29,7 @@ from leviathan.cli import (  # noqa: E402
     train_as_asked,
 )
 from leviathan.config import load_config  # noqa: E402
-from leviathan.distributed.hosts import check_hostfile  # noqa: E402
+from leviathan.parallel.hosts import check_hostfile  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

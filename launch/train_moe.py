@@ -5,7 +5,7 @@
 
 It joins the cluster the job runs in (`--address` to name another; none: a local one is
 started), prepares the data once if it is missing, and runs a TorchTrainer whose workers
-each call `leviathan.train.loop.train`. Every checkpoint the loop writes is reported to
+each call `leviathan.train.trainer.train`. Every checkpoint the loop writes is reported to
 Ray with the step's metrics; when a worker dies, Ray restarts the group (up to
 `--max-failures` times) and every worker resumes from the newest checkpoint: the last one
 reported to Ray, or run.dir's own latest when that is newer.
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a sourc
 
 from leviathan.cli import add_config_args, run_command  # noqa: E402
 from leviathan.config import Config, config_from_dict, load_config  # noqa: E402
-from leviathan.distributed.hosts import check_ray_address  # noqa: E402
 from leviathan.errors import LeviathanError  # noqa: E402
+from leviathan.parallel.hosts import check_ray_address  # noqa: E402
 from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
-from leviathan.train.rundir import RunLock, check_fresh  # noqa: E402
+from leviathan.train.run_folder import RunLock, check_fresh  # noqa: E402
 
 WORKER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}  # a report: ~0.1 s, not ~2 s
 
@@ -55,8 +55,8 @@ def worker(job: dict) -> None:
     import ray.train
     import torch
 
-    from leviathan.train.loop import train
     from leviathan.train.metrics import scalars
+    from leviathan.train.trainer import train
 
     cfg = config_from_dict(job["config"])
     if not cfg.train.threads:

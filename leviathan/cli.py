@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from leviathan.config import DEFAULT_CONFIG, load_config
-from leviathan.distributed.world import leave_world
 from leviathan.errors import ConfigError, Interrupted, LeviathanError
+from leviathan.parallel.world import leave_world
 
 if TYPE_CHECKING:
     from leviathan.config import Config
-    from leviathan.train.loop import TrainSummary
+    from leviathan.train.trainer import TrainSummary
 
 T = TypeVar("T")
 INTERRUPTED = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
@@ -92,7 +92,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
 
 def train_as_asked(cfg: Config, args: argparse.Namespace) -> TrainSummary:
     """`train(cfg)` with the options of `add_train_args`."""
-    from leviathan.train.loop import train
+    from leviathan.train.trainer import train
 
     return train(
         cfg,
@@ -128,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from leviathan.data import read_documents
-    from leviathan.run import load_run
+    from leviathan.trained import load_run
 
     if args.threads:
         import torch
@@ -153,7 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from leviathan.run import load_run
+    from leviathan.trained import load_run
 
     run = load_run(args.run, args.checkpoint)
     keep, block = args.context_keep, run.model.cfg.block_size
@@ -236,7 +236,7 @@ def cmd_params(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from leviathan.introspect import inspect_run
+    from leviathan.inspection import inspect_run
 
     result = inspect_run(args.run, args.against, args.out, args.windows)
     print(f"wrote {result.kernels}, {result.distance} and {result.profiles}")
@@ -244,7 +244,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from leviathan.export import export_run
-    from leviathan.run import run_checkpoint
+    from leviathan.trained import run_checkpoint
 
     run_dir = Path(args.run)
     checkpoint = run_checkpoint(run_dir, args.checkpoint)
@@ -255,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_ds_config(args: argparse.Namespace) -> None:
     import json
 
-    from leviathan.distributed.ds_config import deepspeed_config
+    from leviathan.parallel.deepspeed.config import deepspeed_config
 
     print(
         json.dumps(deepspeed_config(load_config(args.config, args.overrides), args.gpu), indent=2)

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 
 from leviathan.errors import CheckpointError, StorageError
+from leviathan.parallel.engines import written_by
 from leviathan.storage import atomic_write_bytes
 from leviathan.train.checkpoint import offer_previous, verify_checkpoint
-from leviathan.train.engines import written_by
 
 EXPORT = "model.safetensors"
 TIED = ("head.weight",)  # the output head is the token embedding: stored once

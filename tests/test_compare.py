@@ -15,7 +15,7 @@ from leviathan.compare.plan import MARKER, plan
 from leviathan.compare.results import cumulative_times
 from leviathan.config import load_config
 from leviathan.sizing import model_size
-from leviathan.train.loop import train
+from leviathan.train.trainer import train
 
 QUIET = {"log": lambda *_: None}
 

@@ -11,13 +11,13 @@ from test_train import read_metrics, small_config  # tests/ is on the path under
 from torch._dynamo.utils import counters
 
 from leviathan.config import Config, config_from_dict, save_config
-from leviathan.distributed.world import World
 from leviathan.errors import ConfigError
 from leviathan.model import Leviathan
-from leviathan.train.compiled import apply_compile, has_cxx_compiler, resolve_compile
-from leviathan.train.engine import TorchEngine
-from leviathan.train.loop import train
-from leviathan.train.recompute import apply_activation_checkpointing
+from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing
+from leviathan.parallel.torch_compile import apply_compile, has_cxx_compiler, resolve_compile
+from leviathan.parallel.torch_engine import TorchEngine
+from leviathan.parallel.world import World
+from leviathan.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, T, B, STEPS = 64, 16, 4, 4

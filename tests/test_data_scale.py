@@ -31,7 +31,7 @@ from leviathan.data.shards import load_index, load_tokens
 from leviathan.data.tokenizer import word_pieces
 from leviathan.errors import DataError
 from leviathan.train.evaluate import evaluate, unigram_bpc
-from leviathan.train.loop import train
+from leviathan.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,9 @@ import pytest
 import yaml
 
 from leviathan.config import config_from_dict, load_config
-from leviathan.distributed.world import check_parallel
 from leviathan.errors import ConfigError
-from leviathan.train.loop import train
+from leviathan.parallel.world import check_parallel
+from leviathan.train.trainer import train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ import json
 
 from leviathan.cli import main
 from leviathan.config import load_config
-from leviathan.distributed.ds_config import deepspeed_config, merge
+from leviathan.parallel.deepspeed.config import deepspeed_config, merge
 
 
 def test_derived_from_train_and_parallel():

@@ -10,9 +10,9 @@ import torch
 from leviathan.cli import main
 from leviathan.config import config_from_dict
 from leviathan.data import load_tokens, read_documents, split_documents
-from leviathan.introspect import attention_weights, distance_profile, lag_weights
-from leviathan.run import encode_documents, load_run
-from leviathan.train.loop import train
+from leviathan.inspection import attention_weights, distance_profile, lag_weights
+from leviathan.train.trainer import train
+from leviathan.trained import encode_documents, load_run
 
 SEQ = 16
 

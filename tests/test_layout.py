@@ -1,6 +1,6 @@
 """The package layout (issue 11): no import cycle between leviathan's packages, and the
 `moe` library stands alone. A package is a top-level subpackage or module of leviathan
-(`leviathan.train`, `leviathan.run`, ...); an import counts wherever it runs (module top
+(`leviathan.train`, `leviathan.trained`, ...); an import counts wherever it runs (module top
 or inside a function), not under `if TYPE_CHECKING:`, which never runs."""
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_leviathan_packages_import_no_cycle():
     graph = package_graph()
-    assert {"model", "train", "distributed", "run", "export", "storage"} <= graph.keys()
+    assert {"model", "train", "parallel", "trained", "export", "storage"} <= graph.keys()
     cycle = find_cycle(graph)
     assert cycle is None, "package cycle: " + " -> ".join(cycle)
 
@@ -89,7 +89,7 @@ def test_leviathan_packages_import_no_cycle():
 def test_the_model_knows_no_engine_or_launcher():
     graph = package_graph()
     assert graph["model"] <= {"errors"}, graph["model"]
-    assert "train" not in graph["distributed"] and "run" not in graph["train"]
+    assert "train" not in graph["parallel"] and "trained" not in graph["train"]
 
 
 def test_moe_imports_neither_leviathan_nor_deepspeed():

@@ -9,7 +9,7 @@ from leviathan.config import config_from_dict, load_config
 from leviathan.errors import ConfigError
 from leviathan.model import Leviathan
 from leviathan.model.ffn import DenseFFN, MoEFFN
-from leviathan.train.loop import train
+from leviathan.train.trainer import train
 
 
 def moe_model(**ffn) -> Leviathan:

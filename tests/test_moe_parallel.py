@@ -17,9 +17,9 @@ import torch
 import torch.multiprocessing as mp
 
 from leviathan.config import ModelConfig
-from leviathan.distributed.parallelize import parallelize
-from leviathan.distributed.world import World
 from leviathan.model import Leviathan
+from leviathan.parallel.expert_sharding import parallelize
+from leviathan.parallel.world import World
 from moe import MoE, MoEOptions
 
 D_MODEL, TOKENS, SEED = 8, 24, 7

@@ -13,12 +13,12 @@ from torch import Tensor, nn
 
 from leviathan.compare import compare
 from leviathan.config import load_config
-from leviathan.introspect import inspect_run
+from leviathan.inspection import inspect_run
 from leviathan.model import MIXERS, correlation
 from leviathan.model.cache import LayerCache
 from leviathan.model.mixers import Mixer
-from leviathan.run import load_run
-from leviathan.train.loop import train
+from leviathan.train.trainer import train
+from leviathan.trained import load_run
 
 QUIET = {"log": lambda *_: None}
 

@@ -11,11 +11,11 @@ import torch
 from test_train import small_config  # tests/ is on the path under pytest
 
 from leviathan.config import Config, load_config, save_config
-from leviathan.distributed.world import World
 from leviathan.model import Leviathan
-from leviathan.train.engine import TorchEngine
-from leviathan.train.loop import train
-from leviathan.train.recompute import apply_activation_checkpointing
+from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing
+from leviathan.parallel.torch_engine import TorchEngine
+from leviathan.parallel.world import World
+from leviathan.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB, T, B, STEPS = 64, 16, 4, 4

@@ -35,7 +35,6 @@ from leviathan.errors import (
     StorageError,
     TrainingError,
 )
-from leviathan.run import load_run
 from leviathan.storage import read_records
 from leviathan.train.checkpoint import (
     LATEST,
@@ -44,8 +43,9 @@ from leviathan.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from leviathan.train.loop import config_warnings, train
-from leviathan.train.rundir import RunLock
+from leviathan.train.run_folder import RunLock
+from leviathan.train.trainer import config_warnings, train
+from leviathan.trained import load_run
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
@@ -201,7 +201,8 @@ def test_ray_driver_takes_the_run_dir_lock(corpus, data_dir, tmp_path):
 def test_lock_dies_with_its_process(tmp_path):
     """A SIGKILLed holder leaves no stale lock: the kernel drops a flock with the process."""
     script = (
-        "import sys, time; from pathlib import Path; from leviathan.train.rundir import RunLock; "
+        "import sys, time; from pathlib import Path; "
+        "from leviathan.train.run_folder import RunLock; "
         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen(

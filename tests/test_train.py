@@ -10,9 +10,9 @@ import torch
 
 from leviathan.config import config_from_dict
 from leviathan.errors import CheckpointError, ConfigError
-from leviathan.run import load_run
 from leviathan.train.checkpoint import latest_checkpoint
-from leviathan.train.loop import train
+from leviathan.train.trainer import train
+from leviathan.trained import load_run
 
 
 @pytest.fixture(scope="module")

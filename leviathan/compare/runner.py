@@ -26,7 +26,7 @@ from leviathan.errors import Interrupted
 from leviathan.model import FFNS, MIXERS
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
-from leviathan.train.rundir import METRICS_FILE
+from leviathan.train.run_folder import METRICS_FILE
 
 ERROR_FILE = "error.txt"
 
@@ -38,7 +38,7 @@ def execute(
     message and traceback kept in `error.txt` until the run is tried again. With
     `report_only` an unfinished run is reported as it stands: failed (with its error) or
     pending."""
-    from leviathan.train.loop import train
+    from leviathan.train.trainer import train
 
     state = run_state(spec, budget)
     if state == "done":

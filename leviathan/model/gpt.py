@@ -66,7 +66,7 @@ class Block(nn.Module):
 
 
 class Leviathan(nn.Module):
-    """The decoder, whole: it knows no ranks (`leviathan.distributed.parallelize` splits
+    """The decoder, whole: it knows no ranks (`leviathan.parallel.expert_sharding` splits
     its experts over them after construction)."""
 
     def __init__(self, cfg: ModelConfig):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leviathan.data import eval_windows
-from leviathan.train.device import autocast
+from leviathan.parallel.precision import autocast
 
 
 @dataclass

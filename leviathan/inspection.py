@@ -31,7 +31,7 @@ from torch import Tensor
 from leviathan.data import eval_windows, load_tokens
 from leviathan.errors import LeviathanError
 from leviathan.model.mixers import Mixer
-from leviathan.run import Run, load_run
+from leviathan.trained import Run, load_run
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

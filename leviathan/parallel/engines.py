@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leviathan.train.deepspeed import DeepSpeedEngine, read_layout
-from leviathan.train.engine import Engine, TorchEngine
+from leviathan.parallel.deepspeed.engine import DeepSpeedEngine, read_layout
+from leviathan.parallel.step import Engine
+from leviathan.parallel.torch_engine import TorchEngine
 
 ENGINES: dict[str, type[Engine]] = {"torch": TorchEngine, "deepspeed": DeepSpeedEngine}
 

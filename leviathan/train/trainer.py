@@ -26,8 +26,6 @@ import torch
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
-from leviathan.distributed.world import World, ep_size_of, init_world
-from leviathan.distributed.zero_init import build_model, full_size
 from leviathan.errors import (
     CheckpointError,
     ConfigError,
@@ -35,6 +33,12 @@ from leviathan.errors import (
     LeviathanError,
     TrainingError,
 )
+from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing
+from leviathan.parallel.deepspeed.zero3 import build_model, full_size
+from leviathan.parallel.engines import ENGINES
+from leviathan.parallel.step import Engine
+from leviathan.parallel.torch_compile import apply_compile, resolve_compile
+from leviathan.parallel.world import World, ep_size_of, init_world
 from leviathan.storage import read_records
 from leviathan.train import mfu
 from leviathan.train.checkpoint import (
@@ -46,15 +50,11 @@ from leviathan.train.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from leviathan.train.compiled import apply_compile, resolve_compile
-from leviathan.train.engine import Engine
-from leviathan.train.engines import ENGINES
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.metrics import MetricsLog, WandbRun
 from leviathan.train.plots import plot_curves, plot_expert_load
 from leviathan.train.progress import Progress
-from leviathan.train.recompute import apply_activation_checkpointing
-from leviathan.train.rundir import METRICS_FILE, RunLock, check_fresh, usable_run_dir
+from leviathan.train.run_folder import METRICS_FILE, RunLock, check_fresh, usable_run_dir
 from leviathan.train.sample import sample_text
 from leviathan.train.schedule import lr_at
 

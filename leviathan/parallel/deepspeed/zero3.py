@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from leviathan.config import Config, ModelConfig
-from leviathan.distributed.ds_config import deepspeed_config
-from leviathan.distributed.parallelize import parallelize
-from leviathan.distributed.world import World
 from leviathan.model import Leviathan
 from leviathan.model.gpt import init_parameters
+from leviathan.parallel.deepspeed.config import deepspeed_config
+from leviathan.parallel.expert_sharding import parallelize
+from leviathan.parallel.world import World
 
 
 def build_model(cfg: Config, model_cfg: ModelConfig, world: World) -> Leviathan:

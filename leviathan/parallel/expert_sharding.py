@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from leviathan.distributed.world import World
+from leviathan.parallel.world import World
 from moe import MoE
 
 

@@ -23,8 +23,9 @@ import torch.distributed as dist
 from torch import nn
 
 from leviathan.config import Config
-from leviathan.distributed.ds_config import deepspeed_config
-from leviathan.distributed.ep_checkpoint import (
+from leviathan.errors import CheckpointError
+from leviathan.parallel.deepspeed.config import deepspeed_config
+from leviathan.parallel.deepspeed.ep_checkpoint import (
     CONSOLIDATED,
     MOMENTS,
     all_experts,
@@ -33,10 +34,9 @@ from leviathan.distributed.ep_checkpoint import (
     own_experts,
     save_moments,
 )
-from leviathan.distributed.world import World, ep_size_of
-from leviathan.errors import CheckpointError
-from leviathan.train.engine import Batch, StepResult, TrainableModel
-from leviathan.train.optim import param_groups
+from leviathan.parallel.optim import param_groups
+from leviathan.parallel.step import Batch, StepResult, TrainableModel
+from leviathan.parallel.world import World, ep_size_of
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
 LAYOUT = "engine.json"
@@ -266,7 +266,7 @@ def plain_engine() -> type:
 def expert_parallel_engine() -> type:
     """DeepSpeed's engine, told that the model has expert-parallel layers.
 
-    DeepSpeed recognises only its own MoE class; `leviathan.distributed.parallelize` tags
+    DeepSpeed recognises only its own MoE class; `leviathan.parallel.expert_sharding` tags
     our split expert parameters the DeepSpeed way (`allreduce=False`, `group_name`), and
     this flag makes the engine and ZeRO-1/2 reduce and partition them within their
     expert-data-parallel groups.
