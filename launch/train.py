@@ -21,14 +21,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from leviathan.cli import (  # noqa: E402
+from leviathan.config import load_config  # noqa: E402
+from leviathan.entry import (  # noqa: E402
     NO_VAL,
     add_config_args,
     add_train_args,
-    run_command,
+    run_script,
     train_as_asked,
 )
-from leviathan.config import load_config  # noqa: E402
 from leviathan.parallel.hosts import check_hostfile  # noqa: E402
 
 
@@ -79,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, sys.argv[1:]))
+    run_script(main)

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from leviathan.cli import add_config_args, run_command  # noqa: E402
 from leviathan.config import Config, config_from_dict, load_config  # noqa: E402
+from leviathan.entry import add_config_args, run_script  # noqa: E402
 from leviathan.errors import LeviathanError  # noqa: E402
 from leviathan.parallel.hosts import check_ray_address  # noqa: E402
 from leviathan.train.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
@@ -44,9 +43,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--storage", help="Ray's storage_path (default: run.dir/ray)")
     parser.add_argument("--max-failures", type=int, default=3, help="group restarts allowed")
     parser.add_argument("--resume", action="store_true", help="continue run.dir's checkpoint")
-    parser.add_argument(  # test-only fault injection
-        "--kill-rank-at-step", nargs=2, type=int, metavar=("RANK", "STEP"), help=argparse.SUPPRESS
-    )
     return parser.parse_intermixed_args(argv)
 
 
@@ -62,13 +58,6 @@ def worker(job: dict) -> None:
     if not cfg.train.threads:
         torch.set_num_threads(max(1, int(job["cpus_per_worker"])))
     rank = ray.train.get_context().get_world_rank()
-    kill = job["kill_rank_at_step"]
-    killed = Path(cfg.run.dir) / ".killed-by-test"  # the fault is injected once per run
-
-    def on_step(record: dict) -> None:
-        if kill and rank == kill[0] and record["step"] == kill[1] and not killed.exists():
-            killed.touch()
-            os.kill(os.getpid(), signal.SIGKILL)  # a worker dying mid-run, for the fault test
 
     def on_checkpoint(folder: Path, record: dict) -> None:
         # The folder is on shared storage and holds every rank's shard: rank 0 hands it
@@ -86,7 +75,6 @@ def worker(job: dict) -> None:
             cfg,
             resume=source or False,
             claimed=True,
-            on_step=on_step,
             on_checkpoint=on_checkpoint,
         )
 
@@ -132,11 +120,7 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
     storage = Path(args.storage or Path(cfg.run.dir) / "ray").resolve()
     trainer = TorchTrainer(
         worker,
-        train_loop_config={
-            "config": cfg.to_dict(),
-            "cpus_per_worker": args.cpus_per_worker,
-            "kill_rank_at_step": args.kill_rank_at_step,
-        },
+        train_loop_config={"config": cfg.to_dict(), "cpus_per_worker": args.cpus_per_worker},
         scaling_config=ScalingConfig(
             num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
@@ -153,4 +137,4 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_command(main, sys.argv[1:]))
+    run_script(main)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -105,6 +106,7 @@ class ParallelConfig:
     # auto: DeepSpeed when started by a distributed launcher (WORLD_SIZE set), else torch
     engine: Literal["auto", "torch", "deepspeed"] = "auto"
     zero_stage: int = 0  # DeepSpeed ZeRO stage: 0 none, 1 optimizer, 2 +gradients, 3 +params
+    ep_size: int = 1  # expert parallelism: each MoE layer's experts split over this many ranks
     deepspeed: Any = field(default_factory=dict)  # extra DeepSpeed JSON, merged over the derived
 
 
@@ -152,10 +154,46 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    cfg = parse(Config, raw, "")
+    cfg = parse(Config, translate_moved_keys(raw), "")
     validate(cfg)
+    check_layout(cfg)
     derive(cfg)
     return cfg
+
+
+def translate_moved_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config (or a checkpoint's) written before `parallel.ep_size` existed carries it as
+    `model.ffn.ep_size`: how experts are split over ranks is a layout, not the model, so it
+    is read as `parallel.ep_size` (both given and different: refused)."""
+    ffn = raw.get("model", {}).get("ffn") if isinstance(raw.get("model"), dict) else None
+    if not isinstance(ffn, dict) or "ep_size" not in ffn:
+        return raw
+    ep_size = ffn["ep_size"]
+    parallel = raw.get("parallel") if isinstance(raw.get("parallel"), dict) else {}
+    if parallel.get("ep_size", ep_size) != ep_size:
+        raise ConfigError(
+            f"parallel.ep_size: {parallel['ep_size']} differs from model.ffn.ep_size: "
+            f"{ep_size} (the key's old place); set parallel.ep_size only"
+        )
+    model = raw["model"] | {"ffn": {k: v for k, v in ffn.items() if k != "ep_size"}}
+    return raw | {"model": model, "parallel": parallel | {"ep_size": ep_size}}
+
+
+def check_layout(cfg: Config) -> None:
+    """`parallel.ep_size` splits the experts of a MoE FFN: at least 1 and a divisor of
+    `model.ffn.n_experts` (that it also divides the world size is checked at launch)."""
+    ep_size, ffn = cfg.parallel.ep_size, cfg.model.ffn
+    if ep_size < 1:
+        raise ConfigError(f"parallel.ep_size: must be >= 1, got {ep_size}")
+    if ep_size > 1 and not isinstance(ffn, MoEOptions):
+        raise ConfigError(
+            f"parallel.ep_size: {ep_size} splits experts over ranks, but model.ffn is "
+            f"{ffn.kind} (no experts); use ep_size 1"
+        )
+    if ep_size > 1 and ffn.n_experts % ep_size:
+        raise ConfigError(
+            f"parallel.ep_size: {ep_size} does not divide model.ffn.n_experts={ffn.n_experts}"
+        )
 
 
 def derive(cfg: Config) -> None:
@@ -291,11 +329,11 @@ def join(path: str, name: str) -> str:
 
 def validate(cfg: Config) -> None:
     """Semantic checks: shapes that cannot be built and values that cannot train."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+    m, t = cfg.model, cfg.train
     check_finite(cfg.to_dict(), "")
-    for key, value in {"run.dir": cfg.run.dir, "data.dir": d.dir}.items():
-        if not value.strip():
-            raise ConfigError(f"{key}: empty; name a folder (an empty path is the current one)")
+    if not cfg.run.dir.strip():
+        raise ConfigError("run.dir: empty; name a folder (an empty path is the current one)")
+    check_data(cfg.data)
     positive = {
         "model.n_layer": m.n_layer,
         "model.n_head": m.n_head,
@@ -309,16 +347,11 @@ def validate(cfg: Config) -> None:
         "train.ckpt_interval": t.ckpt_interval,
         "train.log_interval": t.log_interval,
         "train.keep_last": t.keep_last,
-        "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
-        "data.tokenizer.sample_chars": d.tokenizer.sample_chars,
-        "data.batch_chars": d.batch_chars,
-        "data.shard_tokens": d.shard_tokens,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
     non_negative = {
-        "data.workers": d.workers,
         "train.lr": t.lr,
         "train.min_lr": t.min_lr,
         "train.warmup_steps": t.warmup_steps,
@@ -342,14 +375,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
     if not 0 <= m.dropout < 1:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    if not 0 <= d.val_fraction < 1:
-        raise ConfigError(
-            f"data.val_fraction: must be in [0, 1) (0: no validation split), got {d.val_fraction}"
-        )
-    if isinstance(d.val_documents, int) and d.val_documents < 0:
-        raise ConfigError(f"data.val_documents: must be >= 0 or a list, got {d.val_documents}")
-    if isinstance(d.val_documents, list) and not all(d.val_documents):
-        raise ConfigError(f"data.val_documents: empty name in {d.val_documents}")
     if m.d_model % m.n_head:
         raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_head={m.n_head}")
     if t.seq_len > m.block_size:
@@ -375,6 +400,35 @@ def validate(cfg: Config) -> None:
     if m.positions == "rope":
         MIXERS[m.mixer.kind].check_rope(m.d_model, m.n_head)
     FFNS[m.ffn.kind].check(m.ffn, m.d_model)
+
+
+def check_data(d: DataConfig) -> None:
+    """The one check of the data section, each refusal naming its `data.<key>`: made when a
+    config loads and again by `prepare`, which may be handed a DataConfig built in code."""
+    if not d.dir.strip():
+        raise ConfigError("data.dir: empty; name a folder (an empty path is the current one)")
+    folder = os.path.abspath(os.path.expanduser(d.dir))
+    if os.path.dirname(folder) == folder:
+        raise ConfigError(f"data.dir: {d.dir!r} cannot hold a dataset; name a folder")
+    positive = {
+        "data.tokenizer.vocab_size": d.tokenizer.vocab_size,
+        "data.tokenizer.sample_chars": d.tokenizer.sample_chars,
+        "data.batch_chars": d.batch_chars,
+        "data.shard_tokens": d.shard_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    if d.workers < 0:
+        raise ConfigError(f"data.workers: must be >= 0, got {d.workers}")
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(
+            f"data.val_fraction: must be in [0, 1) (0: no validation split), got {d.val_fraction}"
+        )
+    if isinstance(d.val_documents, int) and d.val_documents < 0:
+        raise ConfigError(f"data.val_documents: must be >= 0 or a list, got {d.val_documents}")
+    if isinstance(d.val_documents, list) and not all(d.val_documents):
+        raise ConfigError(f"data.val_documents: empty name in {d.val_documents}")
 
 
 def check_finite(node: Any, path: str) -> None:

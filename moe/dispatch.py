@@ -13,17 +13,22 @@ batch as one group (`batch`) earlier rows take slots from later ones. A dropped
 assignment contributes zero, so for that slot the token passes through the residual
 unchanged.
 
-On one process `Experts.forward` fuses gather -> expert -> gated scatter-add expert by
-expert; `gather` and `combine` are the whole-tensor halves that the expert-parallel path
-puts around its all-to-all exchange.
+A `Dispatcher` takes the plan's rows to their experts and the gated outputs back to
+their tokens. `LocalDispatch` (every expert on this process) fuses gather -> expert ->
+gated scatter-add expert by expert; `gather` and `combine` are the whole-tensor halves
+that the expert-parallel one (`moe.parallel.AllToAllDispatch`) puts around its exchange.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from moe.experts import Experts
 
 
 @dataclass
@@ -101,5 +106,30 @@ def combine(y: torch.Tensor, gates: torch.Tensor, p: Plan, n_tokens: int) -> tor
 
     Dropped assignments have no row, so they add nothing.
     """
-    g = gates.reshape(-1).index_select(0, p.slot_idx).to(y.dtype)
+    g = kept_gates(gates, p, y.dtype)
     return y.new_zeros(n_tokens, y.shape[1]).index_add_(0, p.token_idx, y * g.unsqueeze(1))
+
+
+def kept_gates(gates: torch.Tensor, p: Plan, dtype: torch.dtype) -> torch.Tensor:
+    """(N,) the gate of each kept row, from the router's (T, k) gates."""
+    return gates.reshape(-1).index_select(0, p.slot_idx).to(dtype)
+
+
+class Dispatcher(Protocol):
+    """Dispatch, experts, combine: x (T, d) -> (T, d), each token the gated sum of its kept
+    assignments' expert outputs. How the rows reach the experts is the layout's business;
+    the layer holds one dispatcher and `MoE.shard_experts` swaps it."""
+
+    def __call__(
+        self, x: torch.Tensor, gates: torch.Tensor, p: Plan, experts: Experts
+    ) -> torch.Tensor: ...
+
+
+class LocalDispatch:
+    """Every expert on this process: `Experts.forward` gathers, runs and gate-adds one
+    expert at a time, so no (T*k, d) tensor of all the rows is ever built."""
+
+    def __call__(
+        self, x: torch.Tensor, gates: torch.Tensor, p: Plan, experts: Experts
+    ) -> torch.Tensor:
+        return experts(x, p.token_idx, p.counts, kept_gates(gates, p, x.dtype))

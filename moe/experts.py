@@ -40,6 +40,7 @@ class _Scratch:
         self.like, self.rows, self.buffers = like, rows, {}
 
     def __call__(self, name: str, n: int, width: int) -> torch.Tensor:
+        """The first n rows of buffer `name`, made anew only when its width changes."""
         buf = self.buffers.get(name)
         if buf is None or buf.shape[1] != width:
             buf = self.buffers[name] = self.like.new_empty(self.rows, width)
@@ -62,6 +63,7 @@ class GradBuffers:
         self.kept: dict[str, torch.Tensor] = {}
 
     def take(self, name: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Gradient tensor `name` of `shape`: the kept storage when it is free, else new."""
         buf = self.kept.get(name)
         fits = buf is not None and buf.shape == shape and buf.dtype == like.dtype
         if not (fits and buf.device == like.device and _only_owner(buf)):
@@ -147,7 +149,9 @@ class _RoutedExperts(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
         x, gates, w_in, w_out, b_out, tok, *acts = ctx.saved_tensors
         need, counts = ctx.needs_input_grad, ctx.counts
         grad = grad.contiguous()
@@ -384,7 +388,9 @@ class MLP(nn.Module):
     """Dense MLP d -> hidden -> d with the experts' layout; n shared experts are one MLP
     of width n * hidden (the sum of n MLPs is exactly a single wider one)."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = False):
+    def __init__(
+        self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = False
+    ) -> None:
         super().__init__()
         self.activation = activation
         width = _in_width(hidden, activation)

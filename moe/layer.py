@@ -1,42 +1,28 @@
-"""The sparse MoE FFN layer: router -> dispatch -> experts -> weighted combine (+ shared)."""
+"""The sparse MoE FFN layer, in Megatron-core's stages: route, dispatch, experts, combine.
+
+The router picks each token's experts, `dispatch.plan` sorts the assignments by expert,
+and a dispatcher takes the rows through their experts and back, gate-weighted and
+summed per token; shared experts are added un-gated.
+"""
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moe import balance, dispatch
+from moe.dispatch import Dispatcher, LocalDispatch
 from moe.experts import MLP, Experts
 from moe.options import MoEOptions, check_options
-from moe.parallel import exchange_and_run
+from moe.parallel import AllToAllDispatch
 from moe.router import Router, Routing
+from moe.stats import RoutingStats
 
-
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-POSITION_BINS = 16  # spans of the sequence the per-position drop fractions are reported in
-
-
-def _add_padded(total: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
-    """total + more, the shorter zero-padded (sequence lengths may differ between calls)."""
-    n = max(total.numel(), more.numel())
-    return F.pad(total, (0, n - total.numel())) + F.pad(more, (0, n - more.numel()))
-
-
-def _binned_fraction(part: torch.Tensor, whole: torch.Tensor, bins: int) -> list[float]:
-    """sum(part) / sum(whole) over `bins` equal spans (fewer when shorter)."""
-    spans = torch.arange(whole.numel()) * min(bins, whole.numel()) // whole.numel()
-    n = int(spans.max()) + 1
-    num = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, part.double())
-    den = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, whole.double())
-    return (num / den.clamp(min=1)).tolist()
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class MoE(nn.Module):
@@ -47,10 +33,15 @@ class MoE(nn.Module):
     Expert width is round(expert_hidden_mult * d_model); `n_shared` shared experts of that
     width see every token and are added un-gated.
 
-    The layer is built whole, all experts local. With options.ep_size > 1, `shard_experts`
-    then splits them over a process group (every rank must have built the layer from the
-    same torch seed). Until then, or with ep_size == 1, the forward never touches
-    torch.distributed.
+    The layer is built whole, all experts local: how experts are laid out over ranks is
+    not part of the model. `shard_experts(group)` then splits them over the ranks of an
+    expert-parallel group (every rank must have built the layer from the same torch seed).
+
+    `balance_group`: the ranks that hold replicas of this router and share its batch
+    (data and expert parallel); `update_bias` sums the loss-free load over them, so the
+    replicated bias moves alike everywhere by the global batch. None (the default): this
+    process alone. Unless the experts are sharded or a balance group is set, the layer
+    never touches torch.distributed.
     """
 
     def __init__(
@@ -65,50 +56,46 @@ class MoE(nn.Module):
         check_options(options)
         o = self.options = options
         self.d_model, self.hidden = d_model, max(1, round(o.expert_hidden_mult * d_model))
-        self.ep_group: object | None = None  # set by shard_experts
-        # Same RNG draw order for every ep_size: router, all experts, shared experts.
+        # Same RNG draw order whatever the later layout: router, all experts, shared experts.
         self.router = Router(d_model, o.n_experts, o.score, o.top_k, o.renormalize, o.jitter)
         h, act = self.hidden, o.activation
         self.experts = Experts(o.n_experts, d_model, h, act, bias, matmul=o.expert_matmul)
         self.shared = MLP(d_model, o.n_shared * h, act, bias) if o.n_shared else None
         self.dropout = nn.Dropout(dropout)
+        self.dispatcher: Dispatcher = LocalDispatch()  # shard_experts swaps it
+        self.balance_group: ProcessGroup | None = None
         self.aux_loss = torch.zeros(())
-        self._reset_metrics()
-        self._bias_load = torch.zeros(o.n_experts, dtype=torch.long)
+        self._stats = RoutingStats.empty(o.n_experts)
+        self._bias_load = torch.zeros(o.n_experts, dtype=torch.long)  # since update_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., T, d), a batch of sequences of T positions ((T, d): one sequence)."""
-        o, shape = self.options, x.shape
+        shape = x.shape
         seq_len = shape[-2] if x.dim() > 2 else shape[0]
         x = x.reshape(-1, self.d_model)
-        n_tokens = x.shape[0]
-        r = self.router(x)
-        cap, group = self._capacity(n_tokens, seq_len)
-        p = dispatch.plan(r.indices, o.n_experts, cap, group)
-        if self.ep_group is not None:
-            ys = exchange_and_run(dispatch.gather(x, p), p.counts, self.experts, self.ep_group)
-            out = dispatch.combine(ys, r.gates, p, n_tokens)
-        else:  # gather, run and scatter-add expert by expert, in one pass
-            gates = r.gates.reshape(-1).index_select(0, p.slot_idx).to(x.dtype)
-            out = self.experts(x, p.token_idx, p.counts, gates)
+        r = self.router(x)  # route
+        cap, group = self._capacity(x.shape[0], seq_len)
+        p = dispatch.plan(r.indices, self.options.n_experts, cap, group)  # kept rows, by expert
+        out = self.dispatcher(x, r.gates, p, self.experts)  # dispatch, experts, combine
         if self.shared is not None:
             out = out + self.shared(x)
         self.aux_loss = self._balance_losses(r, p, seq_len)
         return self.dropout(out).reshape(shape)
 
-    def shard_experts(self, group: object) -> None:
-        """Keep this rank's share of the experts of `group` (options.ep_size ranks, which
-        hold the rest); the forward then sends each token to the rank of its expert."""
+    def shard_experts(self, group: ProcessGroup) -> None:
+        """Keep this rank's share of the experts, split evenly over the ranks of `group`
+        (which hold the rest); the forward then sends each row to the rank of its expert."""
         import torch.distributed as dist
 
-        ep_size = self.options.ep_size
         if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"ep_size: {ep_size} needs torch.distributed initialised")
-        if dist.get_world_size(group) != ep_size:
-            size = dist.get_world_size(group)
-            raise ValueError(f"ep_size: {ep_size} but the expert group has {size} ranks")
+            raise ValueError("shard_experts: the expert group needs torch.distributed initialised")
+        ep_size, n_experts = dist.get_world_size(group), self.options.n_experts
+        if n_experts % ep_size:
+            raise ValueError(
+                f"n_experts: {n_experts} is not divisible by the expert group's {ep_size} ranks"
+            )
         self.experts.shard(ep_size, dist.get_rank(group))
-        self.ep_group = group
+        self.dispatcher = AllToAllDispatch(group)
 
     def _capacity(self, n_tokens: int, seq_len: int) -> tuple[int | None, int | None]:
         """(slots per expert, tokens that compete for them); (None, None) when dropless.
@@ -134,7 +121,8 @@ class MoE(nn.Module):
         return dispatch.capacity(n_tokens, o.n_experts, o.top_k, o.capacity_factor), None
 
     def _balance_losses(self, r: Routing, p: dispatch.Plan, seq_len: int) -> torch.Tensor:
-        """Sets the loss terms; while training also accumulates the detached metrics."""
+        """The loss terms; a training forward is also counted in the routing statistics
+        and, for loss-free balancing, in the load the next bias update follows."""
         o = self.options
         if not r.indices.numel():  # an empty batch: nothing to balance, nothing to count
             return r.logits.new_zeros(())
@@ -148,32 +136,10 @@ class MoE(nn.Module):
         if z is not None:
             total = total + o.z_coef * z
         if self.training:
-            with torch.no_grad():
-                m = self._metrics
-                m["steps"] += 1
-                m["load"] += p.routed.cpu()
-                m["dropped"] += p.dropped
-                m["assigned"] += r.indices.numel()
-                if o.capacity_factor is not None:
-                    drops = dispatch.drops_per_position(p, o.top_k, seq_len)
-                    per_pos = torch.full((seq_len,), r.indices.numel() // seq_len)
-                    m["dropped_at"] = _add_padded(m["dropped_at"], drops)
-                    m["assigned_at"] = _add_padded(m["assigned_at"], per_pos)
-                m["entropy"] += float(torch.special.entr(probs).sum(-1).mean())
-                if aux is None:
-                    aux = balance.switch_aux_loss(probs, r.indices, o.n_experts)
-                m["aux_loss"] += float(aux)
-                m["z_loss"] += float(z if z is not None else balance.z_loss(r.logits))
-                if o.balance == "loss_free":
-                    self._bias_load += p.routed.cpu()
+            self._stats = self._stats.add(r, p, probs, seq_len, aux, z)
+            if o.balance == "loss_free":
+                self._bias_load += p.routed.cpu()
         return total
-
-    def _reset_metrics(self) -> None:
-        load = torch.zeros(self.options.n_experts, dtype=torch.long)
-        self._metrics: dict = dict(steps=0, load=load, dropped=0, assigned=0)
-        empty = torch.zeros(0, dtype=torch.long)
-        self._metrics.update(dropped_at=empty, assigned_at=empty)  # per position
-        self._metrics.update(entropy=0.0, aux_loss=0.0, z_loss=0.0)
 
     def pop_metrics(self) -> dict[str, float | list[int]]:
         """Statistics of the training forwards since the last call, then reset ({} if none).
@@ -181,32 +147,15 @@ class MoE(nn.Module):
         load: routed assignments per expert (summed over the forwards, this rank's tokens);
         imbalance: max/mean of load; load_cv: std/mean (population std); dropped_frac:
         dropped / routed assignments; dropped_frac_by_position (capacity mode): the dropped
-        fraction in each of up to POSITION_BINS equal spans of the sequence, first to last;
-        router_entropy: mean over tokens of the entropy (nats)
-        of the normalised scores; aux_loss, z_loss: raw (uncoefficiented) values averaged
-        over the forwards; bias_norm: L2 norm of the loss-free bias (balance: loss_free).
+        fraction in each of up to `moe.stats.POSITION_BINS` equal spans of the sequence,
+        first to last; router_entropy: mean over tokens of the entropy (nats) of the
+        normalised scores; aux_loss, z_loss: raw (uncoefficiented) values averaged over
+        the forwards; bias_norm: L2 norm of the loss-free bias (balance: loss_free).
         """
-        m = self._metrics
-        if not m["steps"]:
-            return {}
-        load = m["load"].double()
-        mean = load.mean().item()
-        out: dict[str, float | list[int]] = {
-            "load": m["load"].tolist(),
-            "imbalance": load.max().item() / mean if mean else 0.0,
-            "load_cv": load.std(unbiased=False).item() / mean if mean else 0.0,
-            "dropped_frac": m["dropped"] / max(1, m["assigned"]),
-            "router_entropy": m["entropy"] / m["steps"],
-            "aux_loss": m["aux_loss"] / m["steps"],
-            "z_loss": m["z_loss"] / m["steps"],
-        }
-        if m["assigned_at"].numel():
-            out["dropped_frac_by_position"] = _binned_fraction(
-                m["dropped_at"], m["assigned_at"], POSITION_BINS
-            )
-        if self.options.balance == "loss_free":
+        out = self._stats.summary()
+        if out and self.options.balance == "loss_free":
             out["bias_norm"] = self.router.bias.norm().item()
-        self._reset_metrics()
+        self._stats = RoutingStats.empty(self.options.n_experts)
         return out
 
     @torch.no_grad()
@@ -214,18 +163,17 @@ class MoE(nn.Module):
         """Loss-free balancing step from the load routed since the last call (call it after
         each optimizer step; a no-op unless balance == "loss_free").
 
-        When torch.distributed runs with more than one rank (data and/or expert parallel),
-        the load is all-reduced over the default world first, so every replica applies the
-        same update from the global batch and the replicated bias stays identical.
+        The load is first summed over `balance_group` (when set), so every replica of the
+        router applies the same update, from the load of the batch they share.
         """
         o = self.options
         if o.balance != "loss_free":
             return
         load = self._bias_load.to(self.router.bias.device, torch.float64)
-        if _world_size() > 1:
+        if self.balance_group is not None:
             import torch.distributed as dist
 
-            dist.all_reduce(load)
+            dist.all_reduce(load, group=self.balance_group)
         balance.update_bias(self.router.bias, load, o.bias_rate)
         self._bias_load.zero_()
 
@@ -245,7 +193,8 @@ class MoE(nn.Module):
     def active_params(self) -> int:
         """Parameters a token uses: router + k experts + shared experts.
 
-        Total parameters are sum(p.numel()); with ep_size > 1 that sum is this rank's share.
+        Total parameters are sum(p.numel()); once `shard_experts` has split the experts,
+        that sum is this rank's share.
         """
         shared = 0 if self.shared is None else sum(p.numel() for p in self.shared.parameters())
         return self.router.weight.numel() + self.options.top_k * self._expert_params() + shared
@@ -254,5 +203,5 @@ class MoE(nn.Module):
         o = self.options
         return (
             f"d_model={self.d_model}, n_experts={o.n_experts}, top_k={o.top_k}, "
-            f"n_shared={o.n_shared}, hidden={self.hidden}, ep_size={o.ep_size}"
+            f"n_shared={o.n_shared}, hidden={self.hidden}"
         )

@@ -8,6 +8,9 @@ from typing import Literal
 
 @dataclass
 class MoEOptions:
+    """What the layer computes. How its experts are laid out over ranks is not part of
+    it: that is the caller's `MoE.shard_experts(group)`."""
+
     kind: str = "moe"
     n_experts: int = 8
     top_k: int = 2  # 1: Switch, 2: Mixtral, any k <= n_experts
@@ -30,25 +33,17 @@ class MoEOptions:
     # loop: one hand-fused pass per expert; grouped: torch's grouped GEMM; auto: grouped
     # where torch has a fused kernel (CUDA, bf16, SM >= 80), the loop elsewhere
     expert_matmul: Literal["auto", "loop", "grouped"] = "auto"
-    ep_size: int = 1  # expert-parallel ranks the experts are split over
     moe_every: int = 1  # MoE in every n-th block (the last of each n), dense FFNs elsewhere
 
 
 def check_options(o: MoEOptions) -> None:
     """Raise ValueError naming the offending field (the caller adds its config path)."""
-    positive_ints = {
-        "n_experts": o.n_experts,
-        "top_k": o.top_k,
-        "ep_size": o.ep_size,
-        "moe_every": o.moe_every,
-    }
+    positive_ints = {"n_experts": o.n_experts, "top_k": o.top_k, "moe_every": o.moe_every}
     for name, value in positive_ints.items():
         if value < 1:
             raise ValueError(f"{name}: must be >= 1, got {value}")
     if o.top_k > o.n_experts:
         raise ValueError(f"top_k: must be <= n_experts ({o.n_experts}), got {o.top_k}")
-    if o.n_experts % o.ep_size:
-        raise ValueError(f"n_experts: {o.n_experts} is not divisible by ep_size={o.ep_size}")
     if o.n_shared < 0:
         raise ValueError(f"n_shared: must be >= 0, got {o.n_shared}")
     if o.expert_hidden_mult <= 0:

@@ -8,8 +8,12 @@ backward pass sends gradients back along the same paths.
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
+import torch
+from torch.autograd.function import FunctionCtx
+
+from moe.dispatch import Plan, combine, gather
 from moe.experts import Experts
 
 
@@ -17,7 +21,9 @@ class AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward sends the gradients back along the same paths."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group):
+    def forward(  # type: ignore[override]
+        ctx: FunctionCtx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+    ) -> torch.Tensor:
         import torch.distributed as dist
 
         ctx.splits, ctx.group = (out_splits, in_splits), group
@@ -26,13 +32,15 @@ class AllToAll(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(  # type: ignore[override]
+        ctx: FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor, None, None, None]:
         out_splits, in_splits = ctx.splits
         return AllToAll.apply(grad.contiguous(), in_splits, out_splits, ctx.group), None, None, None
 
 
 def exchange_and_run(
-    x_sorted: torch.Tensor, counts: list[int], experts: Experts, group: object
+    x_sorted: torch.Tensor, counts: list[int], experts: Experts, group: Any
 ) -> torch.Tensor:
     """Run the owning ranks' experts on rows grouped by global expert; rows come back in order.
 
@@ -56,3 +64,17 @@ def exchange_and_run(
     perm = torch.argsort(torch.repeat_interleave(local_ids, recv.reshape(-1)), stable=True)
     y_recv = experts(x_recv, perm, recv.sum(0).tolist())
     return AllToAll.apply(y_recv, send_splits, recv_splits, group)
+
+
+class AllToAllDispatch:
+    """Experts split over the ranks of `group`: each rank sends its rows to the ranks that
+    own their experts and gets the outputs back, then weights and sums them itself."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+
+    def __call__(
+        self, x: torch.Tensor, gates: torch.Tensor, p: Plan, experts: Experts
+    ) -> torch.Tensor:
+        ys = exchange_and_run(gather(x, p), p.counts, experts, self.group)
+        return combine(ys, gates, p, x.shape[0])

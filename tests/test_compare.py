@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leviathan.cli import main, seeds_arg
+from leviathan.cli import main
+from leviathan.cli.compare import seeds_arg
 from leviathan.compare import CompareError, compare, parse_budget
 from leviathan.compare.plan import MARKER, plan
 from leviathan.compare.results import cumulative_times

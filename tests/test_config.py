@@ -3,7 +3,7 @@
 import pytest
 
 from leviathan.config import apply_override, config_from_dict, load_config
-from leviathan.data.prepare import fallback_start
+from leviathan.data.scan import fallback_start
 from leviathan.errors import ConfigError, DataError
 from leviathan.model.mixers import TokenXcorrOptions
 

@@ -522,7 +522,7 @@ def test_val_documents_are_held_out_whole(corpus, tmp_path, val_documents, held)
 
 
 def test_val_documents_leave_the_tokenizer_sample(corpus):
-    from leviathan.data.prepare import scan
+    from leviathan.data.scan import scan
 
     docs = read_documents([str(corpus)])
     sources = [(str(corpus), docs)]
@@ -560,3 +560,41 @@ def test_val_documents_change_rebuilds(prepared, tmp_path):
     other.val_documents = 1
     second = prepare(other, log=lambda _: None)
     assert second.fingerprint != first.fingerprint and "heldout" in second.splits
+
+
+@pytest.mark.parametrize(
+    ("changes", "fingerprint"),
+    [
+        ({}, "d96b4d994e8e03b09c4bebb686d4bd385b093f9d7468e060573760787704834d"),
+        (
+            {"val_fraction": 0.05, "val_documents": 2, "tokenizer": TokCfg("bpe", 400, None, 9000)},
+            "0cc8c76885db8cd94caf3debbc3bcb7ed228f8497fe0dea026abbe4195a98140",
+        ),
+        (
+            {
+                "val_fraction": 0.05,
+                "val_documents": ["doc00.txt", "*/sub/doc03.txt"],
+                "shard_tokens": 500,
+                "tokenizer": TokCfg("unigram", 400),
+            },
+            "dcd1fae2f066db3e9d02f9b38ed74761c98a9cffcc0bf4c8e9d166e5779a50aa",
+        ),
+    ],
+    ids=["plain", "held-count", "held-names"],
+)
+def test_fingerprints_of_existing_datasets_stay_the_same(tmp_path, changes, fingerprint):
+    """An existing dataset is reused only while its fingerprint is computed as when it was
+    prepared: these were recorded by an earlier `prepare` (a FORMAT or TRAINER_VERSION bump
+    changes them on purpose)."""
+    from leviathan.data.scan import corpus_sources, scan
+    from leviathan.data.settings import data_config, dataset_settings
+
+    corpus = write_corpus(tmp_path, n_docs=8, lines=60, seed=3)
+    raw = DataCfg(inputs=[str(corpus)], dir=str(tmp_path / "ds"))
+    for key, value in changes.items():
+        setattr(raw, key, value)
+    cfg = data_config(raw)
+    sources = corpus_sources(cfg.inputs, cfg.text_field)
+    settings = dataset_settings(cfg, None)
+    found = scan(sources, settings, cfg.val_fraction, 0, "corpus", cfg.val_documents)
+    assert found.fingerprint == fingerprint

@@ -158,7 +158,7 @@ def expert_parallel_run(base) -> Path:
     resumed (launched once per session)."""
     run_dir = base["root"] / "moe-ep2-z2"
     if not (run_dir / "summary.json").is_file():
-        layout = ("parallel.zero_stage=2", "model.ffn.ep_size=2")
+        layout = ("parallel.zero_stage=2", "parallel.ep_size=2")
         config = config_file(base, "moe", MOE)
         launch(config, 2, run_dir, *layout, flags=["--stop-at", "4"])
         launch(config, 2, run_dir, *layout, flags=["--resume"])
@@ -221,18 +221,18 @@ def test_zero3_builds_a_model_larger_than_one_rank_in_shards(base):
 
 
 def test_check_parallel_refuses_impossible_layouts(base):
-    cfg = load_config(config_file(base, "moe", MOE), ["model.ffn.ep_size=2"])
-    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 does not divide the world size 3"):
+    cfg = load_config(config_file(base, "moe", MOE), ["parallel.ep_size=2"])
+    with pytest.raises(ConfigError, match="^parallel.ep_size: 2 does not divide the world size 3"):
         check_parallel(cfg, "deepspeed", 3)
-    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 with parallel.zero_stage 3"):
+    with pytest.raises(ConfigError, match="^parallel.ep_size: 2 with parallel.zero_stage 3"):
         check_parallel(
             load_config(
-                config_file(base, "moe", MOE), ["model.ffn.ep_size=2", "parallel.zero_stage=3"]
+                config_file(base, "moe", MOE), ["parallel.ep_size=2", "parallel.zero_stage=3"]
             ),
             "deepspeed",
             2,
         )
-    with pytest.raises(ConfigError, match="^model.ffn.ep_size: 2 splits experts"):
+    with pytest.raises(ConfigError, match="^parallel.ep_size: 2 splits experts"):
         check_parallel(cfg, "torch", 1)
     with pytest.raises(ConfigError, match="^parallel.zero_stage: must be 0, 1, 2 or 3, got 4"):
         load_config(config_file(base, "dense"), ["parallel.zero_stage=4"])
@@ -264,12 +264,12 @@ def test_expert_parallel_resume_on_another_world_size_and_ep_size(base, oracle):
     config = config_file(base, "moe", MOE)
     run_dir = base["root"] / "resume-moe-ep"
     zero = "parallel.zero_stage=2"
-    launch(config, 2, run_dir, zero, "model.ffn.ep_size=2", flags=["--stop-at", "3"])
+    launch(config, 2, run_dir, zero, "parallel.ep_size=2", flags=["--stop-at", "3"])
     one = launch(
         config, 1, run_dir, zero, "train.grad_accum=2", flags=["--resume", "--stop-at", "6"]
     )
     assert "(2 -> 1 ranks)" in one.stdout + one.stderr
-    launch(config, 2, run_dir, zero, "model.ffn.ep_size=2", flags=["--resume"])
+    launch(config, 2, run_dir, zero, "parallel.ep_size=2", flags=["--resume"])
     assert_same_curve(losses(run_dir), oracle["moe"])
     assert summary(run_dir)["parallel"]["ep_size"] == 2
 
@@ -292,8 +292,8 @@ RAY_SESSION = (
     RAY_HEAD
     + """SECONDS=0
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
-    python launch/train_moe.py --config "$CONFIG" run.dir="$RUN" parallel.zero_stage=2 \\
-    --workers 2 --kill-rank-at-step 1 6 > "$OUT/good.log" 2>&1
+    python "$OUT/killing_job.py" --config "$CONFIG" run.dir="$RUN" parallel.zero_stage=2 \\
+    --workers 2 > "$OUT/good.log" 2>&1
 echo $? > "$OUT/good.rc"
 echo $SECONDS > "$OUT/good.seconds"
 ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
@@ -303,6 +303,51 @@ echo $? > "$OUT/bad.rc"
 )
 
 
+# The good job: launch/train_moe.py with its `worker` wrapped so that rank {rank} SIGKILLs
+# itself once, at step {step} (the file {killed} says it did). Ray puts the job's copy of
+# the repo on the path of its driver and of every worker, so a worker imports the real
+# `worker` from `launch.train_moe`; the wrapper, defined in this __main__, travels by value.
+KILLING_JOB = """\
+import os
+import signal
+from pathlib import Path
+
+import launch.train_moe as job
+from leviathan.entry import run_script
+
+RANK, STEP, KILLED = {rank}, {step}, Path({killed!r})
+
+
+def worker(config: dict) -> None:
+    import ray.train
+
+    from launch.train_moe import worker as train_rank
+    from leviathan.train import trainer
+
+    rank, train = ray.train.get_context().get_world_rank(), trainer.train
+
+    def train_and_die(cfg, *, on_step=None, **options):
+        def step(record: dict) -> None:
+            if on_step:
+                on_step(record)
+            if rank == RANK and record["step"] == STEP and not KILLED.exists():
+                KILLED.touch()  # once: the restarted group trains on
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        return train(cfg, on_step=step, **options)
+
+    trainer.train = train_and_die  # what train_rank calls
+    try:
+        train_rank(config)
+    finally:
+        trainer.train = train
+
+
+job.worker = worker
+run_script(job.main)
+"""
+
+
 def test_ray_job_survives_a_killed_worker(base, oracle):
     """A real head in a private network namespace; `ray job submit` runs the MoE job on 2
     workers, rank 1 is SIGKILLed at step 6 (after the step-4 checkpoint); Ray restarts the
@@ -310,6 +355,9 @@ def test_ray_job_survives_a_killed_worker(base, oracle):
     out = base["root"] / "ray"
     out.mkdir()
     run_dir = out / "run"
+    killed = out / "killed"
+    script = KILLING_JOB.format(rank=1, step=6, killed=str(killed))
+    (out / "killing_job.py").write_text(script, encoding="utf-8")
     env = dict(
         os.environ,
         BIN=str(Path(sys.executable).parent),
@@ -321,6 +369,7 @@ def test_ray_job_survives_a_killed_worker(base, oracle):
     subprocess.run(["unshare", "-n", "bash", "-c", RAY_SESSION], env=env, timeout=900)
     log = (out / "good.log").read_text()
     assert (out / "good.rc").read_text().strip() == "0", log[-5000:]
+    assert killed.is_file()  # rank 1 was SIGKILLed at step 6
     assert "resumed from" in log and "at step 4 (2 -> 2 ranks)" in log  # it was restarted
     assert_same_curve(losses(run_dir), oracle["moe"])  # steps 1..8 once each, same losses
     ray_checkpoints = sorted(p for p in (run_dir / "ray").glob("*/checkpoint_*") if p.is_dir())

@@ -309,7 +309,6 @@ def test_loss_free_balancing_reduces_imbalance():
     ("kw", "field"),
     [
         ({"top_k": 9}, "top_k"),
-        ({"ep_size": 3}, "n_experts"),
         ({"aux_coef": -0.1}, "aux_coef"),
         ({"z_coef": -1.0}, "z_coef"),
         ({"bias_rate": -1.0}, "bias_rate"),
@@ -343,7 +342,7 @@ def test_single_rank_never_touches_torch_distributed(monkeypatch):
     import torch.distributed as dist
 
     def boom(*args, **kwargs):
-        raise AssertionError("torch.distributed used with ep_size=1")
+        raise AssertionError("torch.distributed used by a layer with its experts whole")
 
     for name in ("is_initialized", "get_world_size", "get_rank", "all_to_all_single"):
         monkeypatch.setattr(dist, name, boom)
@@ -353,10 +352,58 @@ def test_single_rank_never_touches_torch_distributed(monkeypatch):
 
 
 def test_sharding_experts_without_distributed_is_refused():
-    layer = MoE(8, MoEOptions(n_experts=4, ep_size=2))  # built whole: runs in one process
+    layer = MoE(8, MoEOptions(n_experts=4))  # built whole: runs in one process
     assert layer(torch.randn(3, 8)).shape == (3, 8)
-    with pytest.raises(ValueError, match="^ep_size:"):
+    with pytest.raises(ValueError, match="torch.distributed initialised"):
         layer.shard_experts(None)
+
+
+def fake_group(monkeypatch, size: int, rank: int) -> object:
+    """An expert group of `size` ranks as torch.distributed would report it, without one."""
+    import torch.distributed as dist
+
+    group = object()
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda g=None: size if g is group else 1)
+    monkeypatch.setattr(dist, "get_rank", lambda g=None: rank if g is group else 0)
+    return group
+
+
+def test_shard_experts_takes_the_size_from_the_group(monkeypatch):
+    layer = MoE(8, MoEOptions(n_experts=4))
+    with pytest.raises(ValueError, match="^n_experts: 4 is not divisible by .* 3 ranks"):
+        layer.shard_experts(fake_group(monkeypatch, 3, 0))
+    assert layer.experts.n_local == 4 and isinstance(layer.dispatcher, moe.LocalDispatch)
+    group = fake_group(monkeypatch, 2, 1)
+    layer.shard_experts(group)
+    assert (layer.experts.n_local, layer.experts.first) == (2, 2)
+    assert isinstance(layer.dispatcher, moe.AllToAllDispatch) and layer.dispatcher.group is group
+
+
+def test_update_bias_sums_the_load_over_the_balance_group_only(monkeypatch):
+    import torch.distributed as dist
+
+    reduced = []
+
+    def all_reduce(t, group=None):
+        reduced.append(group)
+        t.mul_(2)  # as if a second replica had routed the same load
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    torch.manual_seed(0)
+    layer = MoE(8, MoEOptions(n_experts=4, top_k=1, balance="loss_free")).train()
+    assert layer.balance_group is None
+    x = torch.randn(16, 8)
+    layer(x)
+    layer.update_bias()  # this process alone: no collective
+    assert reduced == []
+    alone = layer.router.bias.clone()
+    layer.router.bias.zero_()
+    layer.balance_group = group = object()
+    layer(x)
+    layer.update_bias()
+    assert reduced == [group]
+    torch.testing.assert_close(layer.router.bias, alone)  # the sign of a doubled load
 
 
 def test_shard_keeps_the_slice_of_the_whole_init():

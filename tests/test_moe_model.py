@@ -60,7 +60,7 @@ def test_aux_loss_reaches_the_objective_and_is_zero_without_balance():
     "ffn,message",
     [
         ({"top_k": 5}, r"model\.ffn\.top_k: must be <= n_experts \(4\), got 5"),
-        ({"ep_size": 3}, r"model\.ffn\.n_experts: 4 is not divisible by ep_size=3"),
+        ({"ep_size": 3}, r"parallel\.ep_size: 3 does not divide model\.ffn\.n_experts=4"),
         ({"aux_coef": -0.1}, r"model\.ffn\.aux_coef: must be >= 0"),
         ({"capacity_factor": 0}, r"model\.ffn\.capacity_factor: must be positive"),
         ({"balance": "magic"}, r"model\.ffn\.balance: expected one of 'aux', 'loss_free', 'none'"),

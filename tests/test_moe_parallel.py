@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 from leviathan.config import ModelConfig
 from leviathan.model import Leviathan
-from leviathan.parallel.expert_sharding import parallelize
+from leviathan.parallel.expert_sharding import shard_experts
 from leviathan.parallel.world import World
 from moe import MoE, MoEOptions
 
@@ -59,16 +59,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         mine = slice(rank * TOKENS // world, (rank + 1) * TOKENS // world)
         for name, kw in CASES.items():
             torch.manual_seed(SEED)
-            layer = MoE(D_MODEL, MoEOptions(ep_size=world, **kw)).double().train()
+            layer = MoE(D_MODEL, MoEOptions(**kw)).double().train()
             layer.shard_experts(dist.group.WORLD)
+            layer.balance_group = dist.group.WORLD
             res = run(layer, x[mine], w[mine])
             dist.all_reduce(res["grad/router.weight"])  # replicated router: sum over ranks
             res["first_expert"] = torch.tensor(layer.experts.first)
             torch.save(res, Path(out_dir) / f"{name}_rank{rank}.pt")
         torch.manual_seed(SEED)
-        model = parallelize(
-            Leviathan(model_config(ep_size=world)),
+        model = shard_experts(
+            Leviathan(model_config()),
             World("deepspeed", rank, world, torch.device("cpu"), dist.group.WORLD),
+            ep_size=world,
         )
         for name, p in model.named_parameters():  # DeepSpeed's tags on the sharded experts only
             tagged = getattr(p, "allreduce", True) is False and p.group_name == "ep_size_2"
@@ -79,8 +81,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def model_config(ep_size: int) -> ModelConfig:
-    ffn = MoEOptions(n_experts=4, top_k=2, n_shared=1, ep_size=ep_size)
+def model_config() -> ModelConfig:
+    ffn = MoEOptions(n_experts=4, top_k=2, n_shared=1)
     return ModelConfig(
         vocab_size=11, block_size=8, n_layer=2, n_head=2, d_model=D_MODEL, bias=True, ffn=ffn
     )
@@ -119,10 +121,10 @@ def test_expert_parallel_matches_single_process(tmp_path):
         if kw.get("balance") == "loss_free":
             assert ref["bias"].abs().max() > 0  # the update did happen
 
-    # parallelize: each rank keeps its slice of the whole model's initial experts, tagged
+    # shard_experts: each rank keeps its slice of the whole model's initial experts, tagged
     # for DeepSpeed; everything else is the whole model's, unchanged
     torch.manual_seed(SEED)
-    whole = Leviathan(model_config(ep_size=world)).state_dict()
+    whole = Leviathan(model_config()).state_dict()
     ranks = [torch.load(tmp_path / f"model_rank{r}.pt") for r in range(world)]
     assert all(r.keys() == whole.keys() for r in ranks)
     for key, value in whole.items():

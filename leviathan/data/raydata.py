@@ -18,12 +18,13 @@ from collections.abc import Iterator
 import numpy as np
 
 from leviathan.data.documents import file_documents
+from leviathan.data.encode import Encoded, Plan, encode_batch
 from leviathan.errors import DataError
 
 
 def encode_files(
-    address: str, files: list[tuple[str, int]], plan, text_field: str
-) -> Iterator[dict]:
+    address: str, files: list[tuple[str, int]], plan: Plan, text_field: str
+) -> Iterator[Encoded]:
     """Encoded documents of `files` ((path, documents) in corpus order), file by file."""
     try:
         import ray
@@ -69,12 +70,12 @@ def encode_files(
             ray.shutdown()
 
 
-def _encode_rows(batch: dict[str, np.ndarray], plan, text_field: str) -> dict[str, np.ndarray]:
+def _encode_rows(
+    batch: dict[str, np.ndarray], plan: Plan, text_field: str
+) -> dict[str, np.ndarray]:
     """Ray Data UDF: read and encode each row's file; the result pickled (ids of varying
     length, in one binary column). A DataError is returned, not raised: Ray would wrap it
     in its own exceptions, and the user is owed the message naming the file."""
-    from leviathan.data.prepare import encode_batch
-
     out = []
     for path, first, count in zip(batch["path"], batch["first"], batch["count"], strict=True):
         try:

@@ -8,12 +8,16 @@ initialised torch.distributed; a plain `python` start has neither and stays one 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from leviathan.config import Config
-from leviathan.errors import ConfigError
+from leviathan.errors import ConfigError, LeviathanError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -22,7 +26,7 @@ class World:
     rank: int
     world_size: int
     device: torch.device
-    ep_group: object | None = None  # the expert-parallel group (ffn.ep_size > 1)
+    ep_group: object | None = None  # the expert-parallel group (parallel.ep_size > 1)
 
 
 def launched_distributed() -> bool:
@@ -38,16 +42,12 @@ def engine_kind(cfg: Config) -> str:
     return "deepspeed" if launched_distributed() else "torch"
 
 
-def ep_size_of(cfg: Config) -> int:
-    return getattr(cfg.model.ffn, "ep_size", 1)
-
-
 def check_parallel(cfg: Config, engine: str, world_size: int) -> None:
     """Refuse layouts that cannot run, naming the key: before any rank builds a model."""
-    ep, stage = ep_size_of(cfg), cfg.parallel.zero_stage
+    ep, stage = cfg.parallel.ep_size, cfg.parallel.zero_stage
     if engine == "torch" and ep > 1:
         raise ConfigError(
-            f"model.ffn.ep_size: {ep} splits experts over ranks, which needs a distributed "
+            f"parallel.ep_size: {ep} splits experts over ranks, which needs a distributed "
             "launch (deepspeed / torchrun / Ray); a plain process has one"
         )
     if engine == "torch" and stage > 0:
@@ -57,12 +57,12 @@ def check_parallel(cfg: Config, engine: str, world_size: int) -> None:
         )
     if world_size % ep:
         raise ConfigError(
-            f"model.ffn.ep_size: {ep} does not divide the world size {world_size}: "
+            f"parallel.ep_size: {ep} does not divide the world size {world_size}: "
             "every expert-parallel group needs ep_size ranks"
         )
     if ep > 1 and stage == 3:
         raise ConfigError(
-            f"model.ffn.ep_size: {ep} with parallel.zero_stage 3 is not supported: ZeRO-3 "
+            f"parallel.ep_size: {ep} with parallel.zero_stage 3 is not supported: ZeRO-3 "
             "would shard each rank's own experts over ranks that do not hold them; use "
             "zero_stage 1 or 2 with expert parallelism, or ep_size 1 with ZeRO-3"
         )
@@ -107,7 +107,7 @@ def init_world(cfg: Config) -> World:
     else:
         device = torch.device("cpu")
     ep_group = None
-    ep = ep_size_of(cfg)
+    ep = cfg.parallel.ep_size
     if ep > 1:
         from deepspeed.utils import groups
 
@@ -137,3 +137,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def on_rank0(world: World, action: Callable[[], T]) -> T | None:
+    """Run `action` on rank 0 alone; what it raises is raised on every rank (the others
+    would otherwise wait for rank 0 in their next collective forever)."""
+    result, failure = None, None
+    if world.rank == 0:
+        try:
+            result = action()
+        except Exception as err:  # any failure: the other ranks must not wait for rank 0
+            failure = err
+    if world.world_size > 1:
+        import torch.distributed as dist
+
+        box = [None if failure is None else (type(failure), str(failure))]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None and failure is None:
+            kind, message = box[0]
+            failure = (
+                kind(message)
+                if issubclass(kind, LeviathanError)
+                else RuntimeError(f"rank 0: {kind.__name__}: {message}")
+            )
+    if failure is not None:
+        raise failure
+    return result

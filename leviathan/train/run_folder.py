@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from leviathan.data import DataIndex
 from leviathan.errors import CheckpointError, ConfigError, RunDirError
 from leviathan.train.checkpoint import LATEST, step_folders
+from leviathan.train.checkpoint_state import check_same_tokenizer
 
 LOCK_FILE = ".lock"
 METRICS_FILE = "metrics.jsonl"
@@ -76,3 +78,19 @@ def check_fresh(run_dir: Path) -> None:
             f"run.dir {run_dir} already holds {METRICS_FILE} of a run with no checkpoint to "
             "resume: delete the folder to start over, or choose another run.dir"
         )
+
+
+def claim_run_dir(run_dir: Path, index: DataIndex, resuming: bool, claimed: bool) -> RunLock | None:
+    """Lock the run folder (unless the caller holds it) and check it suits the run."""
+    usable_run_dir(run_dir)
+    lock = None if claimed else RunLock(run_dir)
+    try:
+        if resuming:
+            check_same_tokenizer(run_dir, index)
+        elif not claimed:
+            check_fresh(run_dir)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    return lock

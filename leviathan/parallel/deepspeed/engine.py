@@ -36,7 +36,7 @@ from leviathan.parallel.deepspeed.ep_checkpoint import (
 )
 from leviathan.parallel.optim import param_groups
 from leviathan.parallel.step import Batch, StepResult, TrainableModel
-from leviathan.parallel.world import World, ep_size_of
+from leviathan.parallel.world import World
 
 TAG = "deepspeed"  # the DeepSpeed checkpoint's sub-folder inside a step folder
 LAYOUT = "engine.json"
@@ -52,7 +52,7 @@ class DeepSpeedEngine:
             "engine": "deepspeed",
             "world_size": world.world_size,
             "zero_stage": cfg.parallel.zero_stage,
-            "ep_size": ep_size_of(cfg),
+            "ep_size": cfg.parallel.ep_size,
             "precision": cfg.train.precision,
         }
         self.zero_stage = cfg.parallel.zero_stage

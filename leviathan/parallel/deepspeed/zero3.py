@@ -17,26 +17,17 @@ from leviathan.config import Config, ModelConfig
 from leviathan.model import Leviathan
 from leviathan.model.gpt import init_parameters
 from leviathan.parallel.deepspeed.config import deepspeed_config
-from leviathan.parallel.expert_sharding import parallelize
-from leviathan.parallel.world import World
 
 
-def build_model(cfg: Config, model_cfg: ModelConfig, world: World) -> Leviathan:
-    """The model, whole on every rank with its experts split over them (`parallelize`), or
-    under DeepSpeed ZeRO-3 partitioned as it is built (ZeRO-3 refuses expert parallelism)."""
-    if not sharded_build(cfg, world):
-        return parallelize(Leviathan(model_cfg), world)
+def build_partitioned(cfg: Config, model_cfg: ModelConfig, on_gpu: bool) -> Leviathan:
+    """The model under ZeRO-3, partitioned over the ranks as it is built."""
     import deepspeed
 
-    config = deepspeed_config(cfg, on_gpu=world.device.type == "cuda")
+    config = deepspeed_config(cfg, on_gpu=on_gpu)
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = Leviathan(model_cfg)
     init_parameters(model, gathered)
     return model
-
-
-def sharded_build(cfg: Config, world: World) -> bool:
-    return world.engine == "deepspeed" and cfg.parallel.zero_stage == 3
 
 
 def gathered(params: list[nn.Parameter]):

@@ -1,0 +1,48 @@
+"""`leviathan train`: train a model in this process (plain engine, or a one-rank DeepSpeed
+run); launch/train.py is the same training under a launcher."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from leviathan.config import load_config
+from leviathan.entry import NO_VAL, add_config_args, add_train_args, train_as_asked
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
+    """The `train` command: the shared train options, plus `--peak-flops` for MFU."""
+    p = subparsers.add_parser("train", help="train a model (default: configs/tiny.yaml)")
+    add_config_args(p)
+    add_train_args(p)
+    p.add_argument(
+        "--peak-flops",
+        type=float,
+        metavar="FLOPS",
+        help="peak FLOP/s of one device for MFU (train.peak_flops; default: known GPUs' table)",
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train, then print a sample and the final val (and heldout) scores."""
+    overrides = list(args.overrides)
+    if args.wandb:
+        overrides.append(f"run.wandb={args.wandb}")
+    if args.peak_flops is not None:
+        overrides.append(f"train.peak_flops={args.peak_flops!r}")
+    cfg = load_config(args.config, overrides)
+    started = time.perf_counter()
+    summary = train_as_asked(cfg, args)
+    print(f"\nsample:\n{summary.sample}\n")
+    if summary.val_bpc is None:
+        print(NO_VAL)
+    else:
+        print(f"final val loss {summary.val_loss:.4f} nats/token")
+        print(
+            f"final val BPC {summary.val_bpc:.4f} "
+            f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
+        )
+    if summary.heldout_bpc is not None:
+        print(f"final heldout BPC {summary.heldout_bpc:.4f} (whole documents never trained on)")
+    print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
