@@ -19,27 +19,13 @@ from typing import Any, Literal
 import yaml
 
 from leviathan.errors import ConfigError
-from leviathan.model.ffn import FFNS, DenseOptions
-from leviathan.model.mixers import MIXERS, DotOptions
+from leviathan.model.config import ModelConfig
+from leviathan.model.ffn import FFNS
+from leviathan.model.mixers import MIXERS
 from moe import MoEOptions
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "configs/tiny.yaml"
-
-
-@dataclass
-class ModelConfig:
-    vocab_size: int | None = None  # None: taken from the tokenizer; set: must match it
-    block_size: int = 256  # the longest sequence the learned positions cover
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 256
-    dropout: float = 0.0
-    bias: bool = False
-    positions: Literal["learned", "rope"] = "learned"  # rope: rotary, applied in the mixers
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    mixer: Any = field(default_factory=DotOptions)  # the options dataclass of MIXERS[kind]
-    ffn: Any = field(default_factory=DenseOptions)  # the options dataclass of FFNS[kind]
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`leviathan inspect`: what a correlation-attention run learned.
 
-* Lag weights (DESIGN.md section 2), as each mixer gives them (`Mixer.lag_weights`): a
+* Lag weights (docs/design.md, Mixers), as each mixer gives them (`Mixer.lag_weights`): a
   kernel over query and key lags per head, or a weight per lag. `token_xcorr`: per layer
   and head, the Wq x Wk kernel
   w = sum_r f_r g_r^T, whose entry w_ab weighs <q_{i-a}, k_{j-b}> in the score S_ij: the

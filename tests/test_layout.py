@@ -1,7 +1,8 @@
-"""The package layout (issue 11): no import cycle between leviathan's packages, and the
-`moe` library stands alone. A package is a top-level subpackage or module of leviathan
-(`leviathan.train`, `leviathan.trained`, ...); an import counts wherever it runs (module top
-or inside a function), not under `if TYPE_CHECKING:`, which never runs."""
+"""The layout of docs/design.md: leviathan's packages in layers that import only downward
+(type-only imports included), no import cycle between packages or between modules, and
+the `moe` library standing alone. A package is a top-level subpackage or module of
+leviathan (`leviathan.train`, `leviathan.trained`, ...); an import counts wherever it is
+written (module top or inside a function)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Bottom to top: a package imports only packages of lower layers (docs/design.md, Layers).
+LAYERS = [
+    {"errors"},
+    {"storage"},
+    {"model"},
+    {"config"},
+    {"data", "parallel"},
+    {"train"},
+    {"export"},
+    {"trained", "sizing"},
+    {"inspection", "compare"},
+    {"entry"},
+    {"cli"},
+]
+
+
 def imports(path: Path, top_level_only: bool = False) -> set[str]:
-    """The modules a source file imports (absolute names)."""
+    """The modules a source file imports (absolute names; `from a import b` names a.b
+    when that is a module of the repository, else a)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skipped = {
-        id(n)
-        for node in ast.walk(tree)
-        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
-        for n in ast.walk(node)
-    }
     nodes = tree.body if top_level_only else ast.walk(tree)
     found = set()
     for node in nodes:
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}: relative import"
-            found.add(node.module)
+            found |= {module_named(node.module, alias.name) for alias in node.names}
     return found
+
+
+def module_named(module: str, name: str) -> str:
+    candidate = ROOT.joinpath(*f"{module}.{name}".split("."))
+    is_module = candidate.with_suffix(".py").is_file() or (candidate / "__init__.py").is_file()
+    return f"{module}.{name}" if is_module else module
+
+
+def module_graph(*roots: str) -> dict[str, set[str]]:
+    """module -> the repository's modules it imports, for every module under `roots`."""
+    paths = [p for root in roots for p in sorted((ROOT / root).rglob("*.py"))]
+    name = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts) for p in paths}
+    known = {m.removesuffix(".__init__") for m in name.values()}
+    return {name[p].removesuffix(".__init__"): {m for m in imports(p) if m in known} for p in paths}
 
 
 def package_of(module: str) -> str | None:
@@ -84,6 +108,36 @@ def test_leviathan_packages_import_no_cycle():
     assert {"model", "train", "parallel", "trained", "export", "storage"} <= graph.keys()
     cycle = find_cycle(graph)
     assert cycle is None, "package cycle: " + " -> ".join(cycle)
+
+
+def test_no_module_imports_itself_back():
+    graph = module_graph("leviathan", "moe")
+    assert "leviathan.data.encode" in graph["leviathan.data.raydata"]  # it sees the edges
+    cycle = find_cycle(graph)
+    assert cycle is None, "module cycle: " + " -> ".join(cycle)
+
+
+def test_every_package_has_a_layer_and_imports_only_downward():
+    graph = package_graph()
+    layer = {package: i for i, names in enumerate(LAYERS) for package in names}
+    assert graph.keys() <= layer.keys(), f"packages without a layer: {graph.keys() - layer.keys()}"
+    upward = sorted(
+        f"{source} -> {target}"
+        for source, targets in graph.items()
+        for target in targets
+        if layer[target] >= layer[source]
+    )
+    assert not upward, "imports that are not downward: " + ", ".join(upward)
+
+
+def test_the_layer_check_sees_type_only_imports(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from leviathan.config import Config\n"
+    )
+    assert imports(planted) == {"typing", "leviathan.config"}
 
 
 def test_the_model_knows_no_engine_or_launcher():

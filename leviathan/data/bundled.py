@@ -1,10 +1,11 @@
 """The default corpus, shipped inside the package: Shakespeare's plays, sonnets and poems.
 
-`corpus/shakespeare.tar.xz` holds the `*_gut.txt` files of ../shared/corpora/shakespeare
-(Project Gutenberg texts, public domain) with its SOURCE.md and metadata.ini (attribution,
-CC BY 2.5 packaging by the Open Knowledge Foundation). Rebuild it, byte for byte, with
+`corpus/shakespeare.tar.xz` holds the `*_gut.txt` files of the Open Knowledge
+Foundation's Shakespeare corpus (Project Gutenberg texts, public domain) with its
+SOURCE.md and metadata.ini (attribution, CC BY 2.5 packaging). Rebuild it, byte for byte,
+from a folder of those files (the archive unpacked is one) with
 
-    python -m leviathan.data.bundled ../shared/corpora/shakespeare
+    python -m leviathan.data.bundled FOLDER
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def build_bundle(source: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 
 if __name__ == "__main__":
-    src = sys.argv[1] if len(sys.argv) > 1 else "../shared/corpora/shakespeare"
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m leviathan.data.bundled FOLDER (the corpus's *_gut.txt files)")
+    src = sys.argv[1]
     dst = Path(__file__).parent / "corpus" / ARCHIVE
     print(f"wrote {build_bundle(src, dst)} ({dst.stat().st_size:,} bytes)")

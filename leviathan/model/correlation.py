@@ -1,4 +1,4 @@
-"""Correlation attention as pure functions on per-head tensors (DESIGN.md section 2).
+"""Correlation attention as pure functions on per-head tensors (docs/design.md, Mixers).
 
 Every function takes q, k, v of shape (B, H, T, d) and returns (B, H, T, d).
 

@@ -2,7 +2,7 @@
 
 Positions are learned absolute embeddings by default (`model.positions: learned`): q and
 k stay pure content signals, every mixer's score is exactly the lagged inner product
-DESIGN.md section 2 defines, and token_xcorr at its delta kernel is the `dot` baseline
+docs/design.md (Mixers) defines, and token_xcorr at its delta kernel is the `dot` baseline
 (bit for bit at rank 1). `model.positions: rope` rotates q and k in each mixer instead
 (`leviathan.model.rope`; token_xcorr rotates before its lag filter, so its scores stay
 relative); channel_xcorr refuses it, since its circulant would mix channels of different
@@ -30,7 +30,7 @@ from leviathan.model.ffn import FFN, FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
-    from leviathan.config import ModelConfig
+    from leviathan.model.config import ModelConfig
 
 Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
