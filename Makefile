@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step study study-v2 clean
+.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step bench-trainer-overhead study study-v2 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -27,19 +27,22 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 bench-attention: $(STAMP)
-	$(PY) benchmarks/attention.py
+	$(PY) -m benchmarks.attention
 
 bench-moe: $(STAMP)
-	$(PY) benchmarks/moe.py --threads 1 --repeats 5 --processes 3
+	$(PY) -m benchmarks.moe_layer --threads 1 --repeats 5 --processes 3
 
 bench-scaling: $(STAMP)
-	$(PY) benchmarks/scaling.py --steps 30
+	$(PY) -m benchmarks.scaling --steps 30
 
 bench-train-step: $(STAMP)
-	$(PY) benchmarks/train_step.py --threads 1 --configs tiny.yaml tiny-dot.yaml study-channel.yaml tiny-moe.yaml --out benchmarks/results/train_step.json
+	$(PY) -m benchmarks.train_step --threads 1 --configs tiny.yaml tiny-dot.yaml study-channel.yaml tiny-moe.yaml --out benchmarks/results/train_step.json
 
 bench-prepare: $(STAMP)
-	$(PY) benchmarks/prepare.py --sizes 50 400 --workers 1 2
+	$(PY) -m benchmarks.prepare --sizes 50 400 --workers 1 2
+
+bench-trainer-overhead: $(STAMP)
+	$(PY) -m benchmarks.trainer_overhead --configs tiny.yaml tiny-moe.yaml --repeats 5
 
 # The mixer/FFN study of docs/results.md: 5 configs x 3 seeds x 400 steps (about an hour
 # on a 2-core CPU), then the learned lags of each correlation mixer against dot.

@@ -1,6 +1,6 @@
 """Memory kept for backward with and without `train.activation_checkpointing`.
 
-    python benchmarks/activation_checkpointing.py --threads 1 \
+    python -m benchmarks.activation_checkpointing --threads 1 \
         --configs tiny.yaml tiny-moe.yaml small.yaml:2 \
         --out benchmarks/results/activation_checkpointing.json
 
@@ -23,29 +23,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
-sys.path.remove(str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
+from benchmarks.harness import CONFIGS, emit, in_fresh_process, returning_frees, write_json
+from leviathan.config import load_config
+from leviathan.model import Leviathan
+from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing
 
-from leviathan.config import load_config  # noqa: E402
-from leviathan.model import Leviathan  # noqa: E402
-from leviathan.parallel.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 # glibc: every allocation over 128 KiB its own mapping, returned when freed, so RSS follows
 # the live tensors (by default freed memory stays in the heap and RSS only grows)
-ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+MMAP_THRESHOLD = 128 * 1024
 
 
 def rss() -> int:
@@ -54,7 +48,7 @@ def rss() -> int:
 
 
 def measure(config: str, batch: int | None, checkpointed: bool, device: str) -> dict:
-    cfg = load_config(ROOT / "configs" / config)
+    cfg = load_config(CONFIGS / config)
     model_cfg = replace(cfg.model, vocab_size=cfg.model.vocab_size or cfg.data.tokenizer.vocab_size)
     B, T = batch or cfg.train.micro_batch_size, cfg.train.seq_len
     torch.manual_seed(0)
@@ -122,18 +116,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.one:  # a child: one case, printed as JSON
         config, ckpt = args.one
-        print(json.dumps(measure(config, args.batch, ckpt == "1", args.device)))
+        emit(measure(config, args.batch, ckpt == "1", args.device))
         return
     rows = []
     for entry in args.configs:
         config, _, batch = entry.partition(":")
         for ckpt in ("0", "1"):
-            cmd = [sys.executable, __file__, "--one", config, ckpt, "--device", args.device]
-            cmd += ["--threads", str(args.threads)]
+            flags = ["--one", config, ckpt, "--device", args.device, "--threads", args.threads]
             if batch:
-                cmd += ["--batch", batch]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=ENV).stdout
-            rows.append(json.loads(out.splitlines()[-1]))
+                flags += ["--batch", batch]
+            env = returning_frees(MMAP_THRESHOLD)
+            rows.append(in_fresh_process(__spec__.name, *flags, env=env))
             print(json.dumps(rows[-1]), flush=True)
     result = {
         "torch": torch.__version__,
@@ -143,7 +136,7 @@ def main() -> None:
         "rows": rows,
     }
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

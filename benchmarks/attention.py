@@ -1,6 +1,6 @@
 """Time and memory of each attention kind, fast (eager, compiled) and reference, against dot.
 
-    python benchmarks/attention.py --seq-lens 128 512 2048 --repeats 5 \
+    python -m benchmarks.attention --seq-lens 128 512 2048 --repeats 5 \
         --out benchmarks/results/attention.json --batch 4 --heads 4 --head-dim 64
 
 Each (case, T) runs in fresh subprocesses, after a warm-up at T=8 that loads the kernels.
@@ -23,16 +23,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
-sys.path.remove(str(Path(__file__).resolve().parent))
+from benchmarks.harness import (
+    RESULTS,
+    Col,
+    Table,
+    WorkerFailed,
+    emit,
+    in_fresh_process,
+    proc_status_kib,
+    reset_peak_rss,
+    returning_frees,
+    write_json,
+)
 
 # (name, kind, options); every kind but scipy_detached runs on every path
 CASES: list[tuple[str, str, dict]] = [
@@ -48,13 +54,6 @@ PATHS = ["fast", "compiled", "reference"]  # eager fast path, the same compiled,
 
 
 # --- worker: one case, one sequence length, in its own process -----------------------
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _make_step(spec: dict, T: int):
@@ -141,10 +140,10 @@ def worker(spec: dict) -> dict:
             torch.cuda.reset_peak_memory_stats()
             step()
             return {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
-        Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
-        before = _proc_status_kib("VmRSS")
+        reset_peak_rss()
+        before = proc_status_kib("VmRSS")
         step()
-        return {"peak_mib": (_proc_status_kib("VmHWM") - before) / 1024}
+        return {"peak_mib": (proc_status_kib("VmHWM") - before) / 1024}
     step()
     step()
     ms = []
@@ -158,31 +157,22 @@ def worker(spec: dict) -> dict:
 # --- driver -------------------------------------------------------------------------
 
 
-def _subprocess(spec: dict, timeout: float, env: dict[str, str]) -> dict:
+def _subprocess(spec: dict, timeout: float, env: dict[str, str] | None = None) -> dict:
     try:
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
+        result = in_fresh_process(
+            __spec__.name, "--worker", json.dumps(spec), env=env, timeout=timeout
         )
-    except subprocess.TimeoutExpired:
-        return {"status": f"failed (over {timeout:.0f} s)"}
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
-        return {"status": f"failed ({last[:80]})"}
-    return {"status": "ok", **json.loads(done.stdout.strip().splitlines()[-1])}
+    except WorkerFailed as failed:
+        return {"status": f"failed ({failed.reason[:80]})"}
+    return {"status": "ok", **result}
 
 
 def run_case(spec: dict, timeout: float) -> dict:
     """Time in one fresh process, memory in another (with malloc caching off, see top)."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    timed = _subprocess({**spec, "measure": "time"}, timeout, env)
+    timed = _subprocess({**spec, "measure": "time"}, timeout)
     if timed["status"] != "ok":
         return timed
-    memory_env = {**env, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    memory = _subprocess({**spec, "measure": "memory"}, timeout, memory_env)
+    memory = _subprocess({**spec, "measure": "memory"}, timeout, returning_frees(64 * 1024))
     return {**timed, "peak_mib": memory.get("peak_mib")}
 
 
@@ -190,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/attention.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "attention.json")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--head-dim", type=int, default=64)
@@ -208,7 +198,7 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        emit(worker(json.loads(args.worker)))
         return
 
     base = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
@@ -219,7 +209,7 @@ def main() -> None:
         plan.append(("scipy_detached", "scipy_detached", {}, "fwd only"))
 
     rows = []
-    print(_header(), flush=True)
+    print(TABLE.header(), flush=True)
     for T in args.seq_lens:
         dots: dict[str, dict] = {}  # path -> the dot row it is compared with
         for name, kind, opts, path in plan:
@@ -259,39 +249,43 @@ def main() -> None:
         "ratios": "against dot at the same T: compiled rows against compiled dot, the others "
         "against eager dot (fast path)",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
     print(
         f"\nB={args.batch} H={args.heads} d={args.head_dim} float32, "
         f"{settings['threads_used']} threads; x dot: median and peak against dot at the same T "
         "(compiled rows: against compiled dot); min ms: the fastest repeat (less exposed to "
         "other load on the machine).\n"
         f"Time: {settings['time']}; scipy_detached: {settings['scipy_detached']}.\n"
-        f"Memory: {settings['memory']}.\nwrote {args.out}"
+        f"Memory: {settings['memory']}."
     )
+    write_json(args.out, {"settings": settings, "results": rows})
 
 
-def _header() -> str:
-    head = f"{'case':<16}{'path':<11}{'T':>6}{'median ms':>11}{'min ms':>10}{'x dot':>8}"
-    head += f"{'peak MiB':>10}{'x dot':>8}"
-    return head + "\n" + "-" * len(head)
+TABLE = Table(
+    Col("case", "<16"),
+    Col("path", "<11"),
+    Col("T", ">6"),
+    Col("median ms", ">11.2f"),
+    Col("min ms", ">10.2f"),
+    Col("x dot", ">8.2f"),
+    Col("peak MiB", ">10.1f"),
+    Col("x dot", ">8.2f"),
+    sep="",
+)
 
 
 def _format_row(row: dict) -> str:
     lead = f"{row['case']:<16}{row['path']:<11}{row['seq_len']:>6}"
     if row["status"] != "ok":
         return f"{lead}  {row['status']}"
-
-    def cell(value: float | None, fmt: str, width: int) -> str:
-        return f"{'-' if value is None else format(value, fmt):>{width}}"
-
-    return (
-        lead
-        + cell(row["ms"], ".2f", 11)
-        + cell(row["min_ms"], ".2f", 10)
-        + cell(row.get("time_vs_dot"), ".2f", 8)
-        + cell(row["peak_mib"], ".1f", 10)
-        + cell(row.get("mem_vs_dot"), ".2f", 8)
+    return TABLE.row(
+        row["case"],
+        row["path"],
+        row["seq_len"],
+        row["ms"],
+        row["min_ms"],
+        row.get("time_vs_dot"),
+        row["peak_mib"],
+        row.get("mem_vs_dot"),
     )
 
 

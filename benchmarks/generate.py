@@ -1,6 +1,6 @@
 """Cached against uncached generation, side by side, for the tiny model shape.
 
-    python benchmarks/generate.py --threads 1 --new-tokens 256 --repeats 3 --batch 1 4 \
+    python -m benchmarks.generate --threads 1 --new-tokens 256 --repeats 3 --batch 1 4 \
         --out benchmarks/results/generate.json
 
 Models: configs/tiny.yaml's shape (block_size 128, 4 layers, 4 heads, d_model 192,
@@ -32,24 +32,19 @@ Speedups are against uncached (eager) generation of the same model and policy.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
-sys.path.remove(str(Path(__file__).resolve().parent))
+import torch
+import torch._dynamo
 
-import torch  # noqa: E402
-import torch._dynamo  # noqa: E402
+from benchmarks.harness import CONFIGS, RESULTS, Col, Table, rotated, write_json
+from leviathan.config import load_config
+from leviathan.model import MIXERS, Leviathan
 
-from leviathan.config import load_config  # noqa: E402
-from leviathan.model import MIXERS, Leviathan  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 8
 
 # (name, config, mixer options replacing the config's, or None)
@@ -67,7 +62,7 @@ CASES: list[tuple[str, str, dict | None]] = [
 
 
 def build(config: str, mixer: dict | None, block_size: int | None) -> Leviathan:
-    cfg = load_config(ROOT / "configs" / config).model
+    cfg = load_config(CONFIGS / config).model
     cfg = replace(cfg, vocab_size=2048, block_size=block_size or cfg.block_size)
     if mixer is not None:
         cfg = replace(cfg, mixer=MIXERS[mixer["kind"]].Options(**mixer))
@@ -117,7 +112,7 @@ def time_variants(
     times: dict[tuple[bool, bool], list[float]] = {v: [] for v in variants}
     outs = {}
     for r in range(repeats + 1):
-        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+        for v in rotated(variants, r):
             seconds, outs[v] = run(*v)
             times[v].append(seconds)
     row: dict = {}
@@ -138,7 +133,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, nargs="+", default=[1], help="prompts per call")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch default)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/generate.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "generate.json")
     parser.add_argument(
         "--compiled",
         action="store_true",
@@ -155,7 +150,10 @@ def main() -> None:
     runs.append(("token_xcorr W=4 r=1", "tiny.yaml", None, 512, None, "no cut (block 512)"))
     rows = []
     names = [label(*v) for v in VARIANTS]
-    print(f"{'case':34} {'context':20} {'B':>2} " + " ".join(f"{n:>17}" for n in names))
+    table = Table(
+        Col("case", "<34"), Col("context", "<20"), Col("B", ">2"), *(Col(n, ">17") for n in names)
+    )
+    print(table.header())
     for batch in args.batch:
         for name, config, mixer, block_size, keep, policy in runs:
             compiled = args.compiled and batch == 1 and name == "token_xcorr W=4 r=1"
@@ -167,15 +165,11 @@ def main() -> None:
             row |= time_variants(model, batch, args.new_tokens, keep, args.repeats, variants)
             rows.append(row)
             cells = [
-                f"{row[n + '_ms']:9.1f} {row[n + '_speedup']:5.2f}x" if n + "_ms" in row else "-"
+                f"{row[n + '_ms']:9.1f} {row[n + '_speedup']:5.2f}x" if n + "_ms" in row else None
                 for n in names
             ]
-            print(
-                f"{name:34} {policy:20} {batch:2} "
-                + " ".join(f"{c:>17}" for c in cells)
-                + f"  same tokens: {row['tokens_equal']}",
-                flush=True,
-            )
+            same = f"  same tokens: {row['tokens_equal']}"
+            print(table.row(name, policy, batch, *cells, extra=same), flush=True)
     settings = {
         "new_tokens": args.new_tokens,
         "prompt_tokens": PROMPT,
@@ -187,9 +181,7 @@ def main() -> None:
         "speedup": "uncached eager ms / this variant's ms, same model and policy",
         "first_call_s": "the warm-up call of a compiled variant, compilation included",
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": settings, "results": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, {"settings": settings, "results": rows})
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 
-part attention 200 "$PY" benchmarks/attention.py --device cuda --seq-lens 512 2048 \
+part attention 200 "$PY" -m benchmarks.attention --device cuda --seq-lens 512 2048 \
     --paths fast compiled --cases "token W=4 r=1" "token W=2 r=2" --repeats 20 \
     --out "$OUT/attention.json"
-part moe 90 "$PY" benchmarks/moe.py --device cuda --dtype bfloat16 --tokens 4096 16384 \
+part moe 90 "$PY" -m benchmarks.moe_layer --device cuda --dtype bfloat16 --tokens 4096 16384 \
     --repeats 20 --out "$OUT/moe.json"
-part train_step 170 "$PY" benchmarks/train_step.py --device cuda --precision bf16 \
+part train_step 170 "$PY" -m benchmarks.train_step --device cuda --precision bf16 \
     --configs tiny.yaml tiny-dot.yaml small.yaml --warmup 5 --steps 20 \
     --out "$OUT/train_step.json"
 echo "== done: $failed part(s) failed; JSON in $OUT"

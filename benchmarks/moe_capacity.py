@@ -2,7 +2,7 @@
 
     leviathan train --config configs/tiny-moe.yaml model.ffn.capacity_factor=1.0 \
         train.max_steps=200 run.dir=runs/tiny-moe-cap --wandb disabled
-    python benchmarks/moe_capacity.py --run runs/tiny-moe-cap
+    python -m benchmarks.moe_capacity --run runs/tiny-moe-cap
 
 Loads a trained MoE run and, on the same weights and the same validation windows (batch
 of `--batch` rows of the run's train.seq_len tokens), scores them with each
@@ -20,23 +20,19 @@ whole batch, the older rule) at each `--factors` capacity factor. For each it re
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
-# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
-sys.path.remove(str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import moe  # noqa: E402
-from leviathan.data import load_index, load_tokens  # noqa: E402
-from leviathan.data.sampler import eval_windows  # noqa: E402
-from leviathan.model import Leviathan  # noqa: E402
-from leviathan.trained import load_run  # noqa: E402
+import moe
+from benchmarks.harness import RESULTS, Col, Table, write_json
+from leviathan.data import load_index, load_tokens
+from leviathan.data.sampler import eval_windows
+from leviathan.model import Leviathan
+from leviathan.trained import load_run
 
 
 def with_capacity(run, factor: float, policy: str) -> Leviathan:
@@ -106,13 +102,23 @@ def causality(model: Leviathan, idx: torch.Tensor, seed: int) -> dict:
     }
 
 
+TABLE = Table(
+    Col("factor", ">6"),
+    Col("policy", "<9"),
+    Col("dropped", ">8.3f"),
+    Col("max dlogit<T/2", ">15.4f"),
+    Col("pos moved", ">9.3f"),
+    Col("alone-batch", ">11.2e"),
+)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True, help="a trained MoE run folder")
     ap.add_argument("--factors", type=float, nargs="+", default=[1.0, 1.25])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--windows", type=int, default=4, help="batches of val windows averaged")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/moe_capacity.json"))
+    ap.add_argument("--out", type=Path, default=RESULTS / "moe_capacity.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     run = load_run(args.run)
@@ -137,18 +143,20 @@ def main(argv: list[str] | None = None) -> dict:
             )
             results.append({"capacity_factor": factor, "policy": policy} | mean)
     print(f"run {args.run}, step {run.step}, batch {args.batch} x T={T}, {args.windows} batches")
-    print(
-        f"{'factor':>6} {'policy':<9} {'dropped':>8} {'max dlogit<T/2':>15} "
-        f"{'pos moved':>9} {'alone-batch':>11}  dropped per eighth of the sequence | per row"
-    )
+    print(TABLE.header("  dropped per eighth of the sequence | per row"))
     for r in results:
+        eighths = " ".join(f"{v:.2f}" for v in r["by_position_eighth"])
+        rows = " ".join(f"{v:.2f}" for v in r["by_row"])
         print(
-            f"{r['capacity_factor']:>6} {r['policy']:<9} {r['dropped_frac']:>8.3f} "
-            f"{r['max_logit_change_before_half']:>15.4f} {r['positions_changed_frac']:>9.3f} "
-            f"{r['row_alone_vs_batch_max_diff']:>11.2e}  "
-            + " ".join(f"{v:.2f}" for v in r["by_position_eighth"])
-            + " | "
-            + " ".join(f"{v:.2f}" for v in r["by_row"])
+            TABLE.row(
+                r["capacity_factor"],
+                r["policy"],
+                r["dropped_frac"],
+                r["max_logit_change_before_half"],
+                r["positions_changed_frac"],
+                r["row_alone_vs_batch_max_diff"],
+                extra=f"  {eighths} | {rows}",
+            )
         )
     ffn = run.config.model.ffn
     report = {"run": str(args.run), "step": run.step, "batch": args.batch, "seq_len": T}
@@ -158,9 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_steps": run.config.train.max_steps,
     }
     report["results"] = results
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1), encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_json(args.out, report, indent=1)
     return report
 
 

@@ -1,7 +1,7 @@
 """Throughput and peak memory of `leviathan prepare` (the local path) against corpus size
 and the number of worker processes.
 
-    python benchmarks/prepare.py --sizes 50 400 --workers 1 2   # or: make bench-prepare
+    python -m benchmarks.prepare --sizes 50 400 --workers 1 2   # or: make bench-prepare
 
 Corpora are generated, not downloaded: folders of 2 MB text files of the bundled
 Shakespeare's lines, shuffled with a seed per file (so no two files are alike), `SIZE` MB
@@ -32,7 +32,8 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness import RESULTS, markdown_table, write_json
+
 FILE_MB = 2
 
 
@@ -126,7 +127,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[50, 400], metavar="MB")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "prepare.json"))
+    parser.add_argument("--out", default=str(RESULTS / "prepare.json"))
     parser.add_argument("--scratch", help="folder for the corpora (default: a temporary one)")
     args = parser.parse_args()
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="prepare-bench-"))
@@ -144,13 +145,13 @@ def main() -> None:
     finally:
         if not args.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    header = "| corpus MB | workers | wall s | MB/s | peak RSS MB | peak PSS MB | shards |"
-    print("\n" + header + "\n|" + "---|" * 7)
-    for r in rows:
-        print(
-            f"| {r['corpus_mb']:.0f} | {r['workers']} | {r['wall_s']:.1f} | {r['mb_per_s']:.2f} "
-            f"| {r['peak_rss_mb']} | {r['peak_pss_mb']} | {r['shards']} |"
-        )
+    header = ["corpus MB", "workers", "wall s", "MB/s", "peak RSS MB", "peak PSS MB", "shards"]
+    cells = [
+        [f"{r['corpus_mb']:.0f}", r["workers"], f"{r['wall_s']:.1f}", f"{r['mb_per_s']:.2f}"]
+        + [r["peak_rss_mb"], r["peak_pss_mb"], r["shards"]]
+        for r in rows
+    ]
+    print("\n" + markdown_table(header, cells))
     result = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -160,9 +161,7 @@ def main() -> None:
         "settings": "defaults of configs/tiny.yaml's data section, data.inputs a folder",
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+    write_json(args.out, result, indent=1)
 
 
 if __name__ == "__main__":

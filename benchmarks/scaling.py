@@ -1,7 +1,7 @@
 """Training throughput of one process against two, at ZeRO 0, 2 and 3, through the real
 launchers: the same numbers a user sees in metrics.jsonl.
 
-    python benchmarks/scaling.py --steps 30 --out benchmarks/results/scaling.json
+    python -m benchmarks.scaling --steps 30 --out benchmarks/results/scaling.json
 
 For each model (configs/tiny.yaml dense, configs/tiny-moe.yaml) it trains `--steps` steps
 with the same global batch (micro-batch x ranks constant) under each setting:
@@ -25,14 +25,24 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.harness import (
+    RESULTS,
+    ROOT,
+    Col,
+    LoadMeter,
+    Table,
+    WorkerFailed,
+    free_port,
+    run_command,
+    write_json,
+)
+
 MODELS = {"dense": "configs/tiny.yaml", "moe": "configs/tiny-moe.yaml"}
 
 
@@ -77,18 +87,20 @@ def run(model: str, setting: dict, steps: int, global_micro: int, out: Path) -> 
     ]
     if "precision" in setting:
         overrides.append(f"train.precision={setting['precision']}")
-    script = [str(REPO / "launch/train.py"), "--config", str(REPO / MODELS[model]), *overrides]
+    script = [str(ROOT / "launch/train.py"), "--config", str(ROOT / MODELS[model]), *overrides]
     if ranks == 1:
         cmd = [sys.executable, *script]
     else:
         launcher = Path(sys.executable).parent / "deepspeed"
-        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", "29611", *script]
+        port = str(free_port())
+        cmd = [str(launcher), "--num_gpus", str(ranks), "--master_port", port, *script]
     env = dict(os.environ, OMP_NUM_THREADS=str(setting["threads"]), DS_ACCELERATOR="cpu")
     if torch.cuda.is_available():
         env.pop("DS_ACCELERATOR")
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+    try:
+        run_command(cmd, env=env)
+    except WorkerFailed as failed:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{failed.output[-4000:]}") from None
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
@@ -99,19 +111,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the median")
     parser.add_argument("--global-micro", type=int, default=32, help="rows per step, all ranks")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/scaling.json")
-    parser.add_argument("--work", type=Path, default=REPO / "runs/bench-scaling")
+    parser.add_argument("--out", type=Path, default=RESULTS / "scaling.json")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs/bench-scaling")
     args = parser.parse_args()
     on_gpu = torch.cuda.is_available()
     cores = os.cpu_count() or 1
     device = torch.cuda.get_device_name(0) if on_gpu else f"{platform.processor() or 'cpu'}"
     rows = []
-    header = (
-        f"{'model':6} {'setting':11} {'ranks':>5} {'tok/s':>9} {'step ms':>8} {'x torch 1p':>10}"
+    table = Table(
+        Col("model", "<6"),
+        Col("setting", "<11"),
+        Col("ranks", ">5"),
+        Col("tok/s", ">9.0f"),
+        Col("step ms", ">8.1f"),
+        Col("x torch 1p", ">10.2f"),
     )
     print(f"device: {device}, {cores} cores; steps {args.steps} (median after {args.warmup})")
-    print(header, flush=True)
-    load_before = os.getloadavg()
+    print(table.header(), flush=True)
+    meter = LoadMeter()
     started = time.time()
     for model in args.models:
         baseline = None
@@ -133,11 +150,16 @@ def main() -> None:
                 "final_train_loss": records[-1]["train_loss"],
             }
             rows.append(row)
-            print(
-                f"{model:6} {setting['name']:11} {setting['ranks']:>5} {tok_s:>9.0f} "
-                f"{step_ms:>8.1f} {row['ratio_vs_first']:>10.2f}",
-                flush=True,
+            cells = (
+                model,
+                setting["name"],
+                setting["ranks"],
+                tok_s,
+                step_ms,
+                row["ratio_vs_first"],
             )
+            print(table.row(*cells), flush=True)
+    load = meter.report()
     meta = {
         "device": device,
         "cores": cores,
@@ -145,13 +167,12 @@ def main() -> None:
         "warmup": args.warmup,
         "global_micro_batch": args.global_micro,
         "torch": torch.__version__,
-        "load_avg_before": load_before,
-        "load_avg_after": os.getloadavg(),
+        "load_avg_before": load["loadavg_before"],
+        "load_avg_after": load["loadavg_after"],
+        "other_processes_cores": load["other_processes_cores"],
         "wall_s": time.time() - started,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"settings": meta, "results": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, {"settings": meta, "results": rows})
 
 
 if __name__ == "__main__":

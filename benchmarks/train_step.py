@@ -1,6 +1,6 @@
 """One training step (forward + backward + AdamW) of the tiny model, eager and compiled.
 
-    python benchmarks/train_step.py --threads 1 --out benchmarks/results/train_step.json
+    python -m benchmarks.train_step --threads 1 --out benchmarks/results/train_step.json
 
 For each config (default: tiny.yaml, token_xcorr, and tiny-dot.yaml) the model is built
 twice from the same seed, once eager and once with `apply_compile` (what
@@ -12,40 +12,34 @@ warm-up steps, compiled / eager, and the compiled step's TFLOP/s and MFU (agains
 device's peak at `--precision`; none on a CPU). This table is the measurement behind
 `train.compile: auto` (leviathan/parallel/torch_compile.py). On a GPU (benchmarks/gpu_check.sh):
 
-    python benchmarks/train_step.py --device cuda --precision bf16 --configs small.yaml
+    python -m benchmarks.train_step --device cuda --precision bf16 --configs small.yaml
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-# benchmarks/moe.py sits beside this file: keep this folder off the path for `import moe`
-sys.path.remove(str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-from leviathan.config import load_config  # noqa: E402
-from leviathan.model import Leviathan  # noqa: E402
-from leviathan.parallel.optim import build_adamw  # noqa: E402
-from leviathan.parallel.precision import autocast  # noqa: E402
-from leviathan.parallel.torch_compile import apply_compile  # noqa: E402
-from leviathan.train import mfu  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import CONFIGS, Col, Table, write_json
+from leviathan.config import load_config
+from leviathan.model import Leviathan
+from leviathan.parallel.optim import build_adamw
+from leviathan.parallel.precision import autocast
+from leviathan.parallel.torch_compile import apply_compile
+from leviathan.train import mfu
 
 
 class Run:
     """One model and optimizer training on fixed random tokens, timed per step."""
 
     def __init__(self, config: str, compiled: bool, device: str, precision: str):
-        cfg = load_config(ROOT / "configs" / config)
+        cfg = load_config(CONFIGS / config)
         vocab = cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
         self.cfg = replace(cfg.model, vocab_size=vocab)
         self.B, self.T, self.device = cfg.train.micro_batch_size, cfg.train.seq_len, device
@@ -112,21 +106,26 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    print(
-        f"{'config':<20}{'mixer':<13}{'eager ms':>10}{'compiled ms':>13}{'ratio':>7}"
-        f"{'compile s':>11}{'TFLOP/s':>9}{'MFU':>7}"
+    table = Table(
+        Col("config", "<20"),
+        Col("mixer", "<13"),
+        Col("eager ms", ">10.1f"),
+        Col("compiled ms", ">13.1f"),
+        Col("ratio", ">7.3f"),
+        Col("compile s", ">11.1f"),
+        Col("TFLOP/s", ">9.3f"),
+        Col("MFU", ">7"),
+        sep="",
     )
+    print(table.header())
     for config in args.configs:
         row = measure(config, args.device, args.precision, args.warmup, args.steps)
         mfu_text = "-" if row["compiled_mfu"] is None else f"{100 * row['compiled_mfu']:.1f}%"
         rows.append(row)
-        print(
-            f"{config:<20}{row['mixer']:<13}{row['eager_ms']:>10.1f}{row['compiled_ms']:>13.1f}"
-            f"{row['compiled_over_eager']:>7.3f}{row['first_compiled_step_s']:>11.1f}"
-            f"{row['compiled_tflops']:>9.3f}{mfu_text:>7}"
-        )
+        keys = ("mixer", "eager_ms", "compiled_ms", "compiled_over_eager")
+        keys += ("first_compiled_step_s", "compiled_tflops")
+        print(table.row(config, *(row[k] for k in keys), mfu_text))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             "torch": torch.__version__,
             "device": args.device,
@@ -142,7 +141,7 @@ def main() -> None:
             "first_compiled_step_s": "includes compilation, from inductor's on-disk cache "
             "when warm (seconds); cold, 30-40 s per model on this CPU",
         }
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+        write_json(args.out, {"meta": meta, "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """Peak resident memory of building and stepping a model, whole or built sharded (ZeRO-3).
 
-    python benchmarks/zero3_memory.py --config C --out DIR parallel.engine=torch train.grad_accum=2
+    python -m benchmarks.zero3_memory --config C --out DIR parallel.engine=torch train.grad_accum=2
     deepspeed --num_gpus 2 benchmarks/zero3_memory.py --config C --out DIR parallel.zero_stage=3
 
-Every rank builds the model the way the training loop does (`build_model`: under ZeRO-3
+Every rank builds the model the way the training loop does (`lay_out`: under ZeRO-3
 inside `deepspeed.zero.Init`), takes `--steps` steps of the loop's batches with the
 loop's engine, and writes DIR/rank<R>.json: its peak resident set (VmHWM of
 /proc/self/status) after the build and after the steps, and the losses. No data
 preparation, evaluation or checkpoint inflates the figures: only build and steps.
+
+Launchers (and tests/test_distributed.py) start it by its path, so it imports nothing from
+``benchmarks`` (the path puts this folder, not the repository root, first on sys.path): it
+needs the installed ``leviathan`` only.
 """
 
 from __future__ import annotations
@@ -18,18 +22,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+import torch
 
-import torch  # noqa: E402
-
-from leviathan.config import load_config  # noqa: E402
-from leviathan.data import get_batch, load_tokens, prepare  # noqa: E402
-from leviathan.parallel.deepspeed.zero3 import build_model, full_size  # noqa: E402
-from leviathan.parallel.engines import ENGINES  # noqa: E402
-from leviathan.parallel.world import init_world, leave_world  # noqa: E402
-from leviathan.train.checkpoint import quiet  # noqa: E402
-from leviathan.train.schedule import lr_at  # noqa: E402
-from leviathan.train.trainer import model_config_for  # noqa: E402
+from leviathan.config import load_config
+from leviathan.data import get_batch, load_tokens, prepare
+from leviathan.parallel.engines import ENGINES
+from leviathan.parallel.layout import lay_out
+from leviathan.parallel.world import init_world, leave_world
+from leviathan.train.checkpoint import quiet
+from leviathan.train.schedule import lr_at
+from leviathan.train.trainer import model_config_for
 
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
 
@@ -65,7 +67,8 @@ def main(argv: list[str]) -> None:
     model_cfg = model_config_for(cfg, index)
     torch.manual_seed(t.seed)
     before = peak_rss_mib()
-    model = build_model(cfg, model_cfg, world)
+    laid = lay_out(cfg, model_cfg, world)
+    model = laid.model
     built = peak_rss_mib()
     engine = ENGINES[world.engine](model, cfg, world)
     tokens = load_tokens(index.dir, "train")
@@ -81,7 +84,7 @@ def main(argv: list[str]) -> None:
         "rank": world.rank,
         "world_size": world.world_size,
         "engine": world.engine,
-        "params": full_size(model).num_params(),
+        "params": laid.whole.num_params(),
         "rss_start_mib": before,
         "peak_build_mib": built,
         "peak_mib": peak_rss_mib(),

@@ -26,6 +26,7 @@ from leviathan.data import DataIndex, get_batch, load_tokens, prepare
 from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
 from leviathan.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from leviathan.parallel.engines import ENGINES
+from leviathan.parallel.host import configure_host
 from leviathan.parallel.layout import lay_out
 from leviathan.parallel.world import World, init_world, on_rank0
 from leviathan.train import mfu
@@ -85,9 +86,8 @@ def train(
     """
     if stop_at is not None and stop_at < 1:
         raise ConfigError(f"--stop-at: must be a step >= 1, got {stop_at}")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     world = init_world(cfg)
+    configure_host(cfg.train.threads, world.device)
     say = log if world.rank == 0 else quiet
     for warning in config_warnings(cfg, world.engine):
         say(f"warning: {warning}")

@@ -1,6 +1,6 @@
 """Time our MoE layer against DeepSpeed's MoE layer and a dense FFN of equal active width.
 
-    python benchmarks/moe.py --threads 1 --tokens 4096 16384 --repeats 5 --processes 3 \
+    python -m benchmarks.moe_layer --threads 1 --tokens 4096 16384 --repeats 5 --processes 3 \
         --out benchmarks/results/moe.json
 
 One process, one input per (case, token count), shared by every layer. For each case
@@ -85,27 +85,35 @@ from __future__ import annotations
 import argparse
 import gc
 import hashlib
-import json
 import logging
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-# This file is named moe.py: keep its own folder off the path so `import moe` finds the package.
-_HERE = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported
 
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
+
+from benchmarks.harness import (  # noqa: E402
+    RESULTS,
+    Col,
+    LoadMeter,
+    Table,
+    WorkerFailed,
+    emit,
+    free_port,
+    in_fresh_process,
+    paired_ratio,
+    proc_status_kib,
+    reset_peak_rss,
+    returning_frees,
+    rotated,
+    write_json,
+)
 
 # name -> (d_model, n_experts, top_k, expert_hidden_mult)
 CASES: dict[str, tuple[int, int, int, float]] = {
@@ -124,47 +132,6 @@ def dense_goal(n_experts: int) -> float:
     return GOAL_VS_DENSE.get(n_experts, max(GOAL_VS_DENSE.values()))
 
 
-# --- machine load --------------------------------------------------------------------
-
-
-def _cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs since boot."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    return total - idle, total
-
-
-def _self_jiffies() -> int:
-    """CPU time of this process and of its finished children (the time and memory workers)."""
-    stat = Path("/proc/self/stat").read_text()
-    rest = stat[stat.rindex(")") + 2 :].split()
-    return sum(int(v) for v in rest[11:15])  # utime, stime, cutime, cstime (fields 14-17)
-
-
-class LoadMeter:
-    """CPU time other processes use while this one runs, in cores on average (this
-    benchmark's own worker processes count as this one)."""
-
-    def __init__(self) -> None:
-        self.loadavg_before = os.getloadavg()
-        self.busy0, self.total0 = _cpu_jiffies()
-        self.self0 = _self_jiffies()
-
-    def report(self) -> dict:
-        busy, total = _cpu_jiffies()
-        mine = _self_jiffies() - self.self0
-        ncpu = os.cpu_count() or 1
-        dt = max(total - self.total0, 1)
-        return {
-            "cpus": ncpu,
-            "loadavg_before": [round(v, 2) for v in self.loadavg_before],
-            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-            "this_process_cores": round(mine / dt * ncpu, 2),
-            "other_processes_cores": round(max(busy - self.busy0 - mine, 0) / dt * ncpu, 2),
-        }
-
-
 # --- layers --------------------------------------------------------------------------
 
 
@@ -173,19 +140,13 @@ def _mlp(d: int, h: int) -> nn.Module:
     return nn.Sequential(nn.Linear(d, h, bias=False), nn.GELU(), nn.Linear(h, d, bias=False))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
 
 
@@ -294,24 +255,11 @@ def _step(layer, forward, x) -> float:
     return time.perf_counter() - t0
 
 
-def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> dict | None:
-    """Median and range over rounds of a's time over b's in the same round (None if
-    either layer was not timed)."""
+def layers_ratio(times: dict[str, list[float]], a: str, b: str) -> dict | None:
+    """Layer a's time over layer b's, paired by round (None if either was not timed)."""
     if a not in times or b not in times:
         return None
-    ratios = [ta / tb for ta, tb in zip(times[a], times[b], strict=True)]
-    return {
-        "median": round(statistics.median(ratios), 3),
-        "range": [round(min(ratios), 3), round(max(ratios), 3)],
-        "of_medians": round(statistics.median(times[a]) / statistics.median(times[b]), 3),
-    }
-
-
-def _proc_status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
+    return paired_ratio(times[a], times[b])
 
 
 def peak_growth_mib(layer, forward, x) -> float:
@@ -325,12 +273,12 @@ def peak_growth_mib(layer, forward, x) -> float:
         p.grad = None
     x.grad = None
     gc.collect()
-    base = _proc_status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    base = proc_status_kib("VmRSS")
+    reset_peak_rss()
     loss, _ = forward(layer, x)
     loss.backward()
     del loss
-    return (_proc_status_kib("VmHWM") - base) / 1024
+    return (proc_status_kib("VmHWM") - base) / 1024
 
 
 def memory_worker(name: str, T: int, seed: int) -> dict:
@@ -344,25 +292,19 @@ def memory_worker(name: str, T: int, seed: int) -> dict:
     return out | {"moe_sources_sha256": _sources_sha256(Path(moe.__file__).parent)}
 
 
-def in_subprocess(worker: str, name: str, T: int, args, env: dict[str, str]) -> dict:
+def in_subprocess(worker: str, name: str, T: int, args, env: dict[str, str] | None = None) -> dict:
     """Run `--memory-worker` or `--time-worker` for one (case, T) in a fresh process."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), worker, name, str(T)]
-    cmd += ["--seed", str(args.seed), "--repeats", str(args.repeats), "--budget", str(args.budget)]
-    cmd += ["--device", args.device, "--dtype", args.dtype]
-    cmd += ["--threads", str(args.threads)] if args.threads else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith(_RESULT_TAG):
-            return json.loads(line[len(_RESULT_TAG) :])
-    return {"error": (proc.stderr or proc.stdout)[-300:]}
+    flags = [worker, name, T, "--seed", args.seed, "--repeats", args.repeats]
+    flags += ["--budget", args.budget, "--device", args.device, "--dtype", args.dtype]
+    flags += ["--threads", args.threads] if args.threads else []
+    try:
+        return in_fresh_process(__spec__.name, *flags, env=env)
+    except WorkerFailed as failed:
+        return {"error": failed.output[-300:]}
 
 
 def measure_memory(name: str, T: int, args) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    return in_subprocess("--memory-worker", name, T, args, env)
-
-
-_RESULT_TAG = "MOE_BENCH_RESULT "
+    return in_subprocess("--memory-worker", name, T, args, returning_frees(65536))
 
 
 def profile_layer(layer, forward, x, iters: int = 3, top: int = 15) -> dict:
@@ -456,8 +398,7 @@ def time_case(name: str, T: int, args) -> dict:
         repeats = max(3, min(repeats, int(args.budget // max(round_s, 1e-9))))
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
+        for n in rotated(names, r):
             times[n].append(_step(layers[n][0], layers[n][1], x))
     ours_metrics = {}
     for mode in ("dropless", "capacity"):
@@ -479,8 +420,7 @@ def time_in_processes(name: str, T: int, args) -> list[dict]:
     """time_case in this process (--processes 1) or in each of N fresh ones in turn."""
     if args.processes == 1:
         return [time_case(name, T, args)]
-    env = dict(os.environ)
-    runs = [in_subprocess("--time-worker", name, T, args, env) for _ in range(args.processes)]
+    runs = [in_subprocess("--time-worker", name, T, args) for _ in range(args.processes)]
     failed = [r["error"] for r in runs if "error" in r]
     if failed:
         raise RuntimeError(f"{name} T={T}: a timing process failed: {failed[0]}")
@@ -499,7 +439,7 @@ def run_case(name: str, T: int, args, log) -> dict:
     def by_process(a: str, b: str) -> list[float] | None:
         if len(runs) == 1 or a not in times or b not in times:
             return None
-        return [paired_ratio(run["times"], a, b)["median"] for run in runs]
+        return [layers_ratio(run["times"], a, b)["median"] for run in runs]
 
     mem = measure_memory(name, T, args) if args.memory else None
 
@@ -522,12 +462,12 @@ def run_case(name: str, T: int, args, log) -> dict:
         "ours_vs_ds_outputs": first["agreement"],
         "params": first["params"],
         "rows": [],
-        "grouped_over_loop": paired_ratio(times, "ours_grouped", "ours_dropless")["median"],
+        "grouped_over_loop": layers_ratio(times, "ours_grouped", "ours_dropless")["median"],
     }
     for mode in ("dropless", "capacity"):
         ds_ms = ms.get(f"ds_{mode}")
-        vs_ds = paired_ratio(times, f"ours_{mode}", f"ds_{mode}")
-        vs_dense = paired_ratio(times, f"ours_{mode}", "dense")
+        vs_ds = layers_ratio(times, f"ours_{mode}", f"ds_{mode}")
+        vs_dense = layers_ratio(times, f"ours_{mode}", "dense")
         result["rows"].append(
             {
                 "mode": mode,
@@ -563,18 +503,24 @@ def _sources_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _fmt(v, spec: str) -> str:
-    return "N/A" if v is None else format(v, spec)
+TABLE = Table(
+    Col("case", "<12"),
+    Col("mode", "<9"),
+    Col("tokens", ">6"),
+    Col("ours ms", ">9.1f"),
+    Col("DS ms", ">9.1f"),
+    Col("dense ms", ">9.1f"),
+    Col("ours/DS", ">8.2f"),
+    Col("ours/dense", ">10.2f"),
+    Col("(range)", ">11"),
+    Col("grouped/loop", ">12"),
+    missing="N/A",
+)
 
 
 def print_table(results: list[dict]) -> None:
-    head = (
-        f"{'case':<12} {'mode':<9} {'tokens':>6} {'ours ms':>9} {'DS ms':>9} {'dense ms':>9} "
-        f"{'ours/DS':>8} {'ours/dense':>10} {'(range)':>11} {'grouped/loop':>12}  "
-        f"goal met? (DS<={GOAL_VS_DS}, dense<={GOAL_VS_DENSE[8]} E8, {GOAL_VS_DENSE[64]} E64)"
-    )
-    print(head)
-    print("-" * len(head))
+    goals = f"DS<={GOAL_VS_DS}, dense<={GOAL_VS_DENSE[8]} E8, {GOAL_VS_DENSE[64]} E64"
+    print(TABLE.header(f"  goal met? ({goals})"))
     for res in results:
         for row in res["rows"]:
             ds_ok = row["goal_vs_ds_met"]
@@ -583,11 +529,19 @@ def print_table(results: list[dict]) -> None:
                 f"dense {'yes' if row['goal_vs_dense_met'] else 'NO'}"
             )
             print(
-                f"{res['case']:<12} {row['mode']:<9} {res['tokens']:>6} "
-                f"{row['ours_ms']:>9.1f} {_fmt(row['ds_ms'], '9.1f'):>9} {row['dense_ms']:>9.1f} "
-                f"{_fmt(row['ours_over_ds'], '8.2f'):>8} {row['ours_over_dense']:>10.2f} "
-                f"{'{:.2f}-{:.2f}'.format(*row['ours_over_dense_range']):>11} "
-                f"{res['grouped_over_loop'] if row['mode'] == 'dropless' else '':>12}  {goal}"
+                TABLE.row(
+                    res["case"],
+                    row["mode"],
+                    res["tokens"],
+                    row["ours_ms"],
+                    row["ds_ms"],
+                    row["dense_ms"],
+                    row["ours_over_ds"],
+                    row["ours_over_dense"],
+                    "{:.2f}-{:.2f}".format(*row["ours_over_dense_range"]),
+                    res["grouped_over_loop"] if row["mode"] == "dropless" else "",
+                    extra=f"  {goal}",
+                )
             )
             if row["ds_na_reason"]:
                 print(f"{'':<12} DS N/A: {row['ds_na_reason']}")
@@ -600,7 +554,11 @@ def print_table(results: list[dict]) -> None:
         print("  (ours dropless / DS dropless / ours capacity / DS capacity / dense / grouped):")
         for res in results:
             m = res["peak_rss_growth_mib"] or {}
-            vals = m["error"] if "error" in m else " / ".join(_fmt(m.get(n), ".1f") for n in LAYERS)
+            vals = (
+                m["error"]
+                if "error" in m
+                else " / ".join("N/A" if m.get(n) is None else f"{m[n]:.1f}" for n in LAYERS)
+            )
             print(f"  {res['case']:<12} T={res['tokens']:<6} {vals}")
 
 
@@ -635,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "moe.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "moe.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--budget",
@@ -678,7 +636,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = memory_worker(case, int(tokens), args.seed)
         else:
             out = {k: v for k, v in time_case(case, int(tokens), args).items() if k[0] != "_"}
-        print(_RESULT_TAG + json.dumps(out), flush=True)
+        emit(out)
         return {}
 
     def log(msg: str) -> None:
@@ -775,9 +733,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
         "profiles": profiles,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 
