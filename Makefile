@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# the CPU build of torch first, pinned, so nothing pulls a CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	# DeepSpeed builds against the installed torch: no build isolation
-	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt --no-build-isolation -e ".[dev,hf,eval]"
 	touch $@
 
 train: $(STAMP)

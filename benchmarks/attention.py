@@ -51,6 +51,7 @@ CASES: list[tuple[str, str, dict]] = [
 ]
 SKIPPED_TT = "skipped (T x T too large)"
 PATHS = ["fast", "compiled", "reference"]  # eager fast path, the same compiled, materialised
+PlanRow = tuple[str, str, dict, str]  # (case name, kind, options, path): one row at each T
 
 
 # --- worker: one case, one sequence length, in its own process -----------------------
@@ -176,7 +177,8 @@ def run_case(spec: dict, timeout: float) -> dict:
     return {**timed, "peak_mib": memory.get("peak_mib")}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line; ``--worker SPEC`` (hidden) is how a fresh process gets its case."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=5)
@@ -196,42 +198,69 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
-        return
+    return parser.parse_args()
 
+
+def base_spec(args: argparse.Namespace) -> dict:
+    """The worker settings every row shares (and the JSON's settings start with)."""
     base = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
-    base |= {"threads": args.threads, "repeats": args.repeats, "device": args.device}
+    return base | {"threads": args.threads, "repeats": args.repeats, "device": args.device}
+
+
+def build_plan(args: argparse.Namespace) -> list[PlanRow]:
+    """The rows measured at each T: the chosen cases (dot always, the ratios' baseline) on
+    each path, then scipy_detached on CPU (numpy on detached copies: a CPU thing)."""
     cases = [c for c in CASES if args.cases is None or c[0] in args.cases or c[1] == "dot"]
     plan = [(name, kind, opts, path) for path in args.paths for name, kind, opts in cases]
-    if args.device == "cpu":  # numpy on detached copies: a CPU thing
+    if args.device == "cpu":
         plan.append(("scipy_detached", "scipy_detached", {}, "fwd only"))
+    return plan
 
+
+def add_dot_ratios(row: dict, dots: dict[str, dict]) -> None:
+    """Set the row's time and memory against dot at its T, in place: compiled rows against
+    compiled dot, the others against eager dot (so the ratio compares like with like)."""
+    dot = dots.get("compiled" if row["path"] == "compiled" else "fast")
+    if row["status"] == "ok" and dot is not None:
+        row["time_vs_dot"] = row["ms"] / dot["ms"]
+        if row["peak_mib"] is not None and dot["peak_mib"]:
+            row["mem_vs_dot"] = row["peak_mib"] / dot["peak_mib"]
+
+
+def measure_row(args: argparse.Namespace, base: dict, entry: PlanRow, T: int) -> dict:
+    """One row of the plan at length T: measured in fresh processes, or skipped where the
+    materialised reference would hold T x T tensors too large for the machine."""
+    name, kind, opts, path = entry
+    row = {"case": name, "kind": kind, "options": opts, "path": path, "seq_len": T}
+    if path == "reference" and T > args.max_reference_t:
+        return row | {"status": SKIPPED_TT}
+    spec = {**base, "kind": kind, "options": opts, "path": path}
+    return row | run_case({**spec, "seq_len": T}, args.timeout)
+
+
+def measure_all(args: argparse.Namespace, base: dict, plan: list[PlanRow]) -> list[dict]:
+    """Every row of the plan at every T, each printed as soon as it is measured (a long
+    run shows its progress)."""
     rows = []
     print(TABLE.header(), flush=True)
     for T in args.seq_lens:
         dots: dict[str, dict] = {}  # path -> the dot row it is compared with
-        for name, kind, opts, path in plan:
-            row = {"case": name, "kind": kind, "options": opts, "path": path, "seq_len": T}
-            if path == "reference" and T > args.max_reference_t:
-                row["status"] = SKIPPED_TT
-            else:
-                spec = {**base, "kind": kind, "options": opts, "path": path}
-                row |= run_case({**spec, "seq_len": T}, args.timeout)
-            if kind == "dot" and path != "reference" and row["status"] == "ok":
-                dots[path] = row
-            dot = dots.get("compiled" if path == "compiled" else "fast")
-            if row["status"] == "ok" and dot is not None:
-                row["time_vs_dot"] = row["ms"] / dot["ms"]
-                if row["peak_mib"] is not None and dot["peak_mib"]:
-                    row["mem_vs_dot"] = row["peak_mib"] / dot["peak_mib"]
+        for entry in plan:
+            row = measure_row(args, base, entry, T)
+            if row["kind"] == "dot" and row["path"] != "reference" and row["status"] == "ok":
+                dots[row["path"]] = row
+            add_dot_ratios(row, dots)
             rows.append(row)
             print(_format_row(row), flush=True)
+    return rows
 
+
+def describe_settings(args: argparse.Namespace, base: dict) -> dict:
+    """The JSON's settings: what was run and how each figure was measured, so a result
+    file can be read without this source."""
     import torch
 
-    settings = {
+    return {
         **base,
         "seq_lens": args.seq_lens,
         "threads_used": args.threads or torch.get_num_threads(),
@@ -249,6 +278,10 @@ def main() -> None:
         "ratios": "against dot at the same T: compiled rows against compiled dot, the others "
         "against eager dot (fast path)",
     }
+
+
+def print_notes(args: argparse.Namespace, settings: dict) -> None:
+    """The legend under the table: the shapes, and what the columns measure."""
     print(
         f"\nB={args.batch} H={args.heads} d={args.head_dim} float32, "
         f"{settings['threads_used']} threads; x dot: median and peak against dot at the same T "
@@ -257,6 +290,18 @@ def main() -> None:
         f"Time: {settings['time']}; scipy_detached: {settings['scipy_detached']}.\n"
         f"Memory: {settings['memory']}."
     )
+
+
+def main() -> None:
+    """Measure every row (or, as a worker, one case), print the table, write the JSON."""
+    args = parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return
+    base = base_spec(args)
+    rows = measure_all(args, base, build_plan(args))
+    settings = describe_settings(args, base)
+    print_notes(args, settings)
     write_json(args.out, {"settings": settings, "results": rows})
 
 

@@ -286,10 +286,8 @@ def memory_worker(name: str, T: int, seed: int) -> dict:
     x, layers, _ = build_layers(name, T, seed)
     for layer, forward in layers.values():
         _step(layer, forward, x)  # one-time allocations out of the way
-    import moe
-
     out = {n: round(peak_growth_mib(*layers[n], x), 1) for n in LAYERS if n in layers}
-    return out | {"moe_sources_sha256": _sources_sha256(Path(moe.__file__).parent)}
+    return out | {"moe_sources_sha256": moe_sources_sha256()}
 
 
 def in_subprocess(worker: str, name: str, T: int, args, env: dict[str, str] | None = None) -> dict:
@@ -496,9 +494,13 @@ def run_case(name: str, T: int, args, log) -> dict:
     return result
 
 
-def _sources_sha256(folder: Path) -> str:
+def moe_sources_sha256() -> str:
+    """SHA-256 of the ``moe`` package's sources on disk now (names and bytes): which
+    version of the layer a result measured, and whether it changed during the run."""
+    import moe
+
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(Path(moe.__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
@@ -587,7 +589,9 @@ def _print_profile(title: str, prof: dict) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--memory-worker`` / ``--time-worker CASE TOKENS`` (hidden) make
+    this process one worker. On CUDA, memory and profiles are off: both read the CPU side."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
@@ -621,70 +625,87 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.device == "cuda":  # memory and profiles read this process's CPU side
         args.memory, args.profile = False, "never"
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    import deepspeed
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
     if args.processes < 1:
         ap.error(f"--processes: expected at least 1, got {args.processes}")
-    if args.memory_worker or args.time_worker:
-        case, tokens = args.memory_worker or args.time_worker
-        if args.memory_worker:
-            out = memory_worker(case, int(tokens), args.seed)
-        else:
-            out = {k: v for k, v in time_case(case, int(tokens), args).items() if k[0] != "_"}
-        emit(out)
-        return {}
+    return args
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
-    import moe  # the version measured is the one on disk now
+def setup_libraries(args: argparse.Namespace) -> None:
+    """Torch's thread count, and DeepSpeed imported with its INFO lines silenced (they
+    would bury the progress lines), in the driver and in every worker alike."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from deepspeed.utils import logger as ds_logger  # deepspeed itself imported here
 
-    ours_sha = _sources_sha256(Path(moe.__file__).parent)
-    meter = LoadMeter()
-    t_start = time.perf_counter()
+    ds_logger.setLevel(logging.WARNING)
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """What a worker process measures of its (case, T): peak memory, or one timing run
+    (less the layers and input, which are not JSON)."""
+    case, tokens = args.memory_worker or args.time_worker
+    if args.memory_worker:
+        return memory_worker(case, int(tokens), args.seed)
+    return {k: v for k, v in time_case(case, int(tokens), args).items() if k[0] != "_"}
+
+
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout keeps only the tables."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def measure_all(args: argparse.Namespace) -> list[dict]:
+    """Every (case, T), after a line saying what is measured and how loaded the machine is."""
+    import deepspeed
+
     log(
         f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
         f"{torch.get_num_threads()} threads, loadavg {os.getloadavg()}"
     )
-    results = [run_case(name, T, args, log) for name in args.cases for T in args.tokens]
-    load = meter.report()
+    return [run_case(name, T, args, log) for name in args.cases for T in args.tokens]
 
+
+def check_memory_sources(results: list[dict], ours_sha: str) -> None:
+    """Record, per result, whether its memory worker (which imported moe later) measured
+    the same sources as the timing did; its own hash leaves the memory figures."""
     for res in results:
         mem = res["peak_rss_growth_mib"]
         if mem and "moe_sources_sha256" in mem:
-            # the worker imported moe later: flag it if the sources changed in between
             res["memory_same_moe_sources"] = mem.pop("moe_sources_sha256") == ours_sha
-    print()
-    print_table(results)
 
-    # the worst row against each missed goal: ours, and the baseline it missed against
-    profiles = []
-    if args.profile != "never":
-        for goal, res, row in _worst_rows(results, args.profile == "always"):
-            mode = row["mode"]
-            base = f"ds_{mode}" if goal == "ds" else "dense"
-            entry = {"goal": goal, "case": res["case"], "tokens": res["tokens"], "mode": mode}
-            if res["_layers"] is None:  # timed in other processes: build the layers here
-                dtype = getattr(torch, args.dtype)
-                res["_x"], res["_layers"], _ = build_layers(
-                    res["case"], res["tokens"], args.seed, args.device, dtype
-                )
-            for who in (f"ours_{mode}", base):
-                layer, forward = res["_layers"][who]
-                entry[who] = profile_layer(layer, forward, res["_x"])
-                print()
-                _print_profile(
-                    f"profile of {who}, {res['case']} T={res['tokens']} (worst vs {goal})",
-                    entry[who],
-                )
-            profiles.append(entry)
 
-    load["wall_s"] = round(time.perf_counter() - t_start, 1)
+def profile_pair(goal: str, res: dict, row: dict, args: argparse.Namespace) -> dict:
+    """Profile ours and the baseline it missed against (DeepSpeed or dense) on one row,
+    printing each; the layers are built here if the row was timed in other processes."""
+    mode = row["mode"]
+    base = f"ds_{mode}" if goal == "ds" else "dense"
+    entry = {"goal": goal, "case": res["case"], "tokens": res["tokens"], "mode": mode}
+    if res["_layers"] is None:
+        dtype = getattr(torch, args.dtype)
+        res["_x"], res["_layers"], _ = build_layers(
+            res["case"], res["tokens"], args.seed, args.device, dtype
+        )
+    for who in (f"ours_{mode}", base):
+        layer, forward = res["_layers"][who]
+        entry[who] = profile_layer(layer, forward, res["_x"])
+        print()
+        _print_profile(
+            f"profile of {who}, {res['case']} T={res['tokens']} (worst vs {goal})", entry[who]
+        )
+    return entry
+
+
+def profile_worst(results: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Profiles of the worst row against each missed goal (each goal with ``--profile
+    always``, none with ``never``): where the time goes when a goal is missed."""
+    if args.profile == "never":
+        return []
+    worst = _worst_rows(results, args.profile == "always")
+    return [profile_pair(goal, res, row, args) for goal, res, row in worst]
+
+
+def print_machine(load: dict) -> None:
+    """How busy the machine was during the run: the figures mean less under load."""
     print()
     print(
         f"machine: {load['cpus']} CPUs, loadavg before {load['loadavg_before']}, after "
@@ -692,10 +713,39 @@ def main(argv: list[str] | None = None) -> dict:
         f"on average during the run ({load['wall_s']} s)"
     )
 
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The JSON's settings: how the layers were run, DeepSpeed's included."""
+    return {
+        "repeats": args.repeats,
+        "processes": args.processes,
+        "warmup": 2,
+        "threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": args.dtype,
+        "seed": args.seed,
+        "deepspeed": {
+            "ep_size": 1,
+            "top2_2nd_expert_sampling": False,
+            "experts": "re-initialised (its Experts deep-copies one module), then copied "
+            "from ours when recognisable (see ours_vs_ds_outputs.copied_from_ours)",
+            "router": "copied from ours when ours has one (E, d) router matrix",
+            "bias": "none in the experts or the dense FFN (like ours)",
+        },
+    }
+
+
+def build_report(
+    args: argparse.Namespace, load: dict, results: list[dict], profiles: list[dict], sha: str
+) -> dict:
+    """The JSON written: results and profiles with the losses, goals, settings, versions
+    and load behind them; the in-memory layers and inputs are dropped (not JSON)."""
+    import deepspeed
+
     for res in results:
         res.pop("_layers")
         res.pop("_x")
-    report = {
+    return {
         "benchmark": "moe forward+backward, median ms",
         "loss": {
             "ours": "out.sum() + layer.aux_loss",
@@ -704,35 +754,39 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "goals": {"ours_over_ds": GOAL_VS_DS, "ours_over_dense_by_n_experts": GOAL_VS_DENSE},
         "capacity_factor": CAPACITY_FACTOR,
-        "settings": {
-            "repeats": args.repeats,
-            "processes": args.processes,
-            "warmup": 2,
-            "threads": torch.get_num_threads(),
-            "device": args.device,
-            "dtype": args.dtype,
-            "seed": args.seed,
-            "deepspeed": {
-                "ep_size": 1,
-                "top2_2nd_expert_sampling": False,
-                "experts": "re-initialised (its Experts deep-copies one module), then copied "
-                "from ours when recognisable (see ours_vs_ds_outputs.copied_from_ours)",
-                "router": "copied from ours when ours has one (E, d) router matrix",
-                "bias": "none in the experts or the dense FFN (like ours)",
-            },
-        },
+        "settings": run_settings(args),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
             "deepspeed": deepspeed.__version__,
-            "moe_sources_sha256": ours_sha,
-            "moe_sources_changed_during_run": _sources_sha256(Path(moe.__file__).parent)
-            != ours_sha,
+            "moe_sources_sha256": sha,
+            "moe_sources_changed_during_run": moe_sources_sha256() != sha,
         },
         "machine": load,
         "results": results,
         "profiles": profiles,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Time (and profile, and measure) every (case, T), print the tables, write the JSON;
+    as a worker, emit its one measurement instead. Returns the report ({} for a worker)."""
+    args = parse_args(argv)
+    setup_libraries(args)
+    if args.memory_worker or args.time_worker:
+        emit(run_worker(args))
+        return {}
+    ours_sha = moe_sources_sha256()  # the version measured is the one on disk now
+    meter, t_start = LoadMeter(), time.perf_counter()
+    results = measure_all(args)
+    load = meter.report()
+    check_memory_sources(results, ours_sha)
+    print()
+    print_table(results)
+    profiles = profile_worst(results, args)
+    load["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print_machine(load)
+    report = build_report(args, load, results, profiles, ours_sha)
     write_json(args.out, report)
     return report
 

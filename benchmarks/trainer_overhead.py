@@ -237,7 +237,9 @@ TABLE = Table(
 )
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--bare CONFIG`` (hidden) makes this process one bare run, whose
+    caller passes no ``--warmup``, so the warm-up is checked only for a driver."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     ap.add_argument("--configs", nargs="+", default=["tiny.yaml", "tiny-moe.yaml"])
     ap.add_argument("--repeats", type=int, default=5, help="rounds (one run of each side)")
@@ -254,17 +256,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", type=Path, help="folder for the runs (default: a temporary one)")
     ap.add_argument("--bare", metavar="CONFIG", help=argparse.SUPPRESS)  # a worker: one run
     args = ap.parse_args(argv)
-    if args.bare:
-        emit(run_bare(args.bare, args.steps, args.threads, args.clock))
-        return {}
-    if not 1 <= args.warmup < args.steps - 1:
+    if not args.bare and not 1 <= args.warmup < args.steps - 1:
         ap.error(f"--warmup: expected 1 .. steps - 2, got {args.warmup} with {args.steps} steps")
+    return args
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
 
-    import torch
+def log(msg: str) -> None:
+    """Progress on stderr, so stdout keeps only the table and its summary."""
+    print(msg, file=sys.stderr, flush=True)
 
+
+def measure_all(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every config's rounds, and the machine's load over them (with the wall time); the
+    runs' folder is removed afterwards unless the user named it with ``--work``."""
     own_work = args.work is None
     args.work = Path(args.work or tempfile.mkdtemp(prefix="trainer-overhead-"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -274,8 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if own_work:
             shutil.rmtree(args.work, ignore_errors=True)
-    load = meter.report() | {"wall_s": round(time.perf_counter() - started, 1)}
+    return results, meter.report() | {"wall_s": round(time.perf_counter() - started, 1)}
 
+
+def print_table(results: list[dict]) -> None:
+    """One line per config: the two sides' tokens/s, the paired ratio and the checks."""
     print(TABLE.header())
     for res in results:
         print(
@@ -289,13 +296,25 @@ def main(argv: list[str] | None = None) -> dict:
                 "yes" if res["same_losses"] else f"NO ({res['max_loss_diff']:.2g})",
             )
         )
+
+
+def print_summary(args: argparse.Namespace, load: dict) -> None:
+    """The line under the table: how it was run, and how busy the machine was meanwhile
+    (the figures mean less when other processes took cores)."""
     print(
         f"\n{args.repeats} rounds, {args.steps} steps per run, steps {args.warmup + 1}.. timed "
         f"({args.clock} clock, {args.malloc} malloc); "
         f"other processes used {load['other_processes_cores']} cores on average "
         f"({load['wall_s']} s)"
     )
-    report = {
+
+
+def build_report(args: argparse.Namespace, load: dict, results: list[dict]) -> dict:
+    """The JSON written: the results with the settings, versions and load that produced
+    them, so the file can be read without this source."""
+    import torch
+
+    return {
         "benchmark": "leviathan train tokens/s against a bare PyTorch loop, same model and batches",
         "goal": {"trainer_over_bare_at_least": GOAL},
         "settings": {
@@ -317,6 +336,19 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": load,
         "results": results,
     }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark (or, with ``--bare``, one bare run), print the table, write the
+    JSON; returns the report (empty for a bare run, whose answer goes to its caller)."""
+    args = parse_args(argv)
+    if args.bare:
+        emit(run_bare(args.bare, args.steps, args.threads, args.clock))
+        return {}
+    results, load = measure_all(args)
+    print_table(results)
+    print_summary(args, load)
+    report = build_report(args, load, results)
     write_json(args.out, report)
     return report
 

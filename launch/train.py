@@ -21,25 +21,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
-from leviathan.config import load_config  # noqa: E402
 from leviathan.entry import (  # noqa: E402
     NO_VAL,
     add_config_args,
     add_train_args,
+    config_as_asked,
     run_script,
     train_as_asked,
 )
 from leviathan.parallel.hosts import check_hostfile  # noqa: E402
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """`leviathan train`'s options, and the two that start `deepspeed` from a plain start."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_config_args(parser)
     add_train_args(parser)
     parser.add_argument("--hostfile", help="check these hosts, then start `deepspeed` on them")
     parser.add_argument("--num-gpus", type=int, help="start `deepspeed --num_gpus N` on this box")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by `deepspeed`
-    return parser.parse_intermixed_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_intermixed_args(argv)
 
 
 def relaunch_under_deepspeed(args: argparse.Namespace, argv: list[str]) -> None:
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> None:
     if (args.hostfile or args.num_gpus) and "WORLD_SIZE" not in os.environ:
         relaunch_under_deepspeed(args, argv)
     overrides = list(args.overrides) + ([f"run.wandb={args.wandb}"] if args.wandb else [])
-    cfg = load_config(args.config, overrides)
+    cfg = config_as_asked(args, overrides)
     summary = train_as_asked(cfg, args)
     if summary.parallel["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         if summary.val_bpc is None:

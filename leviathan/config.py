@@ -6,12 +6,14 @@ a command-line override fails in milliseconds instead of an hour into a run.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +28,9 @@ from moe import MoEOptions
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "configs/tiny.yaml"
+RUN_CONFIG = "config.yaml"  # a run folder's own config, as it last trained
+# the keys of the data section a resumed run may change: where its dataset lies, how it is read
+RESUME_MAY_CHANGE = ("data.dir", "data.workers", "data.batch_chars")
 
 
 @dataclass
@@ -40,7 +45,9 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    inputs: list[str] = field(default_factory=list)  # empty: the bundled Shakespeare corpus
+    # None (not given): the dataset in `dir` as it was prepared, or the bundled corpus when
+    # `dir` holds none; [] (given empty): the bundled Shakespeare corpus
+    inputs: list[str] | None = None
     dir: str = "data/shakespeare"
     val_fraction: float = 0.05
     # whole documents held out in their own split, `heldout` (never trained on, nor seen by
@@ -98,10 +105,10 @@ class ParallelConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/tiny"
+    dir: str = "runs/tiny"  # load_config fills a missing one in (default_run_dir)
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "leviathan"
-    sample_prompt: str = "ROMEO:"
+    sample_prompt: str | None = None  # None: the first line of the dataset's validation text
     sample_tokens: int = 200
 
 
@@ -131,12 +138,96 @@ YamlLoader.add_implicit_resolver(
 )
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML file, apply `a.b.c=value` overrides, parse and validate."""
-    raw = read_yaml(resolve_config_path(path or DEFAULT_CONFIG))
+    return config_from_dict(asked_config(path, overrides))
+
+
+def asked_config(path: str | Path | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The mapping `load_config` parses: the file with the overrides applied, and run.dir,
+    when neither names it, `default_run_dir`'s."""
+    path = resolve_config_path(path or DEFAULT_CONFIG)
+    raw = read_yaml(path)
+    own_data_dir = section(raw, "data").get("dir", DataConfig.dir)
     for item in overrides:
         apply_override(raw, item)
-    return config_from_dict(raw)
+    run = raw.setdefault("run", {})
+    if isinstance(run, dict) and "dir" not in run:
+        data_dir = section(raw, "data").get("dir", DataConfig.dir)
+        run["dir"] = default_run_dir(path.stem, own_data_dir, data_dir)
+    return raw
+
+
+def section(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    """`raw[name]` when it is a mapping, else {} (parsing names what is wrong with it)."""
+    value = raw.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def default_run_dir(config_name: str, own_data_dir: Any, data_dir: Any) -> str:
+    """`runs/<config name>`, or `runs/<config name>-<data folder name>` when data.dir is
+    not the config file's own: a run on another dataset never lands in (and is refused
+    by) the folder of the config's usual run."""
+    if os.path.normpath(str(data_dir)) == os.path.normpath(str(own_data_dir)):
+        return f"runs/{config_name}"
+    return f"runs/{config_name}-{Path(os.path.abspath(os.path.expanduser(str(data_dir)))).name}"
+
+
+def asked_run_dir(path: str | Path | None, overrides: Sequence[str]) -> Path:
+    """The run folder `load_config(path, overrides)` names, found without parsing the rest
+    (the overrides of a resumed run may suit only that run's own config)."""
+    run = asked_config(path, overrides)["run"]
+    if not isinstance(run, dict) or not isinstance(run.get("dir"), str):
+        return Path(load_config(path, overrides).run.dir)  # raises the error naming the key
+    return Path(run["dir"])
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
+    """The run's own config (`run_dir/config.yaml`) with `overrides` applied and run.dir
+    `run_dir`. A resumed run keeps its model and data, so an override that changes a
+    model.* or data.* key (other than RESUME_MAY_CHANGE) is refused, naming the key."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        why = f"no {RUN_CONFIG} in it" if run_dir.is_dir() else "the folder does not exist"
+        raise ConfigError(f"run.dir {run_dir}: no run to resume ({why}); start it without --resume")
+    saved = read_yaml(path)
+    raw = copy.deepcopy(saved)
+    for item in overrides:
+        apply_override(raw, item)
+    run = raw.setdefault("run", {})
+    if not isinstance(run, dict):
+        raise ConfigError(f"{path}: run: expected a mapping, got {run!r}")
+    run["dir"] = str(run_dir)
+    try:
+        before = config_from_dict(saved).to_dict()
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    cfg = config_from_dict(raw)
+    after = cfg.to_dict()
+    for name in ("model", "data"):
+        for key, (old, new) in differences(before[name], after[name], name).items():
+            if key not in RESUME_MAY_CHANGE:
+                raise ConfigError(
+                    f"{key}: {new!r}, but the run in {run_dir} has {old!r} ({path}); a resumed "
+                    "run keeps its model and data: start a new run.dir to change them"
+                )
+    if cfg.data.inputs is None and not Path(cfg.data.dir).expanduser().is_dir():
+        raise ConfigError(
+            f"data.dir: {cfg.data.dir}, the run's dataset ({path}), is not a folder from "
+            f"{Path.cwd()}: resume where the run started, or give data.dir=<its folder>"
+        )
+    return cfg
+
+
+def differences(a: Any, b: Any, path: str = "") -> dict[str, tuple[Any, Any]]:
+    """The dotted keys whose values differ between two nested mappings: key -> (a's, b's)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {
+            key: pair
+            for name in {**a, **b}
+            for key, pair in differences(a.get(name), b.get(name), join(path, str(name))).items()
+        }
+    return {} if a == b else {path: (a, b)}
 
 
 def config_from_dict(raw: dict[str, Any]) -> Config:
@@ -383,6 +474,7 @@ def validate(cfg: Config) -> None:
             "the torch engine supports fp32 and bf16"
         )
     MIXERS[m.mixer.kind].check(m.mixer, m.d_model, m.n_head)
+    MIXERS[m.mixer.kind].check_model(m.mixer, m.n_layer, m.block_size)
     if m.positions == "rope":
         MIXERS[m.mixer.kind].check_rope(m.d_model, m.n_head)
     FFNS[m.ffn.kind].check(m.ffn, m.d_model)

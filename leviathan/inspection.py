@@ -8,6 +8,10 @@
   cross-correlation of the two signals, mass off it pairs a query lag with another key
   lag. `channel_xcorr`: per layer and head, the weight alpha_tau of channel lag tau = -L..L
   (the delta at tau = 0 is `dot`).
+* Generated kernels (`involution`, `inv_xcorr`: filters made per token from its input,
+  `Mixer.generated_lag_weights`): per layer and head (group), their mean over the tokens of
+  the first validation windows and their spread (standard deviation), drawn beside the
+  static lag weights (the run's own, or `against`'s when that run has lag weights).
 * The attention-distance profile: per layer, the mean attention weight P_ij as a function
   of the distance i - j, over the queries that can reach that far (i >= distance) and the
   heads, on the first windows of the run's own validation split. The scores are
@@ -20,6 +24,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 KERNELS_PNG = "lag_kernels.png"
 CHANNEL_PNG = "channel_lags.png"
+TOKEN_LAGS_PNG = "token_lags.png"  # a weight per token lag 0..K-1 (involution's filters)
 DISTANCE_PNG = "attention_distance.png"
 DISTANCE_JSON = "attention_distance.json"
 WINDOWS = 8  # validation windows the attention profile averages over
@@ -52,30 +58,36 @@ class Inspection:
     kernels: Path  # the lag-weight plot
     distance: Path  # the attention-distance plot
     profiles: Path  # the profiles as JSON
+    generated: Path | None = None  # generated kernels: mean, spread, static (None: none)
 
 
 def lag_weights(run: Run) -> np.ndarray:
     """(layers, heads, ...): every block's `Mixer.lag_weights` (for token_xcorr the kernel
-    w = sum_r f_r g_r^T, (Wq, Wk) per head; for channel_xcorr alpha_tau, 2L+1 per head)."""
-    return np.stack([b.mixer.lag_weights().detach().float().numpy() for b in run.model.blocks])
+    w = sum_r f_r g_r^T, (Wq, Wk) per head; for channel_xcorr alpha_tau, 2L+1 per head),
+    NaN-padded where layers differ in size (involution's kernel per layer)."""
+    return stack_padded([b.mixer.lag_weights().detach().float().numpy() for b in run.model.blocks])
+
+
+def stack_padded(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack arrays of one rank, each padded at the end with NaN to the largest shape."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    out = np.full((len(arrays), *shape), np.nan)
+    for i, a in enumerate(arrays):
+        out[(i, *(slice(0, n) for n in a.shape))] = a
+    return out
 
 
 @torch.no_grad()
 def attention_weights(mixer: Mixer, x: Tensor) -> Tensor:
     """The causal attention matrix P (B, H, T, T) that `mixer` applies to its input x."""
-    T = x.shape[1]
-    q, k, _ = mixer.heads(x)
-    scores = mixer.scores(q, k)
-    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-    return torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
+    return mixer.causal_weights(x)
 
 
 @torch.no_grad()
-def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
-    """(layers, T): mean attention weight at distance 0..T-1 (see the module docstring),
-    averaged over heads, over the first `windows` windows of the run's val split."""
-    model = run.model
-    seq_len = run.config.train.seq_len
+def mixer_inputs(run: Run, windows: int) -> Iterator[list[Tensor]]:
+    """Each block's mixer input, per window, for the first `windows` val windows (reference
+    path, eval mode); InspectError when the val split holds no whole window."""
+    model, seq_len = run.model, run.config.train.seq_len
     tokens = load_tokens(run.dataset().dir, "val")
     inputs: dict[int, Tensor] = {}
     hooks = [
@@ -84,7 +96,6 @@ def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
         )
         for i, block in enumerate(model.blocks)
     ]
-    sums = np.zeros((len(model.blocks), seq_len))
     seen = 0
     model.eval()
     model.set_reference(True)
@@ -93,11 +104,7 @@ def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
             if x.shape[1] != seq_len or seen == windows:
                 break
             model(x)
-            for i, block in enumerate(model.blocks):
-                p = attention_weights(block.mixer, inputs[i])[0]  # (H, T, T)
-                for distance in range(seq_len):
-                    diagonal = torch.diagonal(p, offset=-distance, dim1=-2, dim2=-1)
-                    sums[i, distance] += diagonal.mean().item()
+            yield [inputs[i] for i in range(len(model.blocks))]
             seen += 1
     finally:
         model.set_reference(False)
@@ -107,7 +114,35 @@ def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
         raise InspectError(
             f"the val split of {run.dataset().dir} holds no window of {seq_len} tokens"
         )
+
+
+@torch.no_grad()
+def distance_profile(run: Run, windows: int = WINDOWS) -> np.ndarray:
+    """(layers, T): mean attention weight at distance 0..T-1 (see the module docstring),
+    averaged over heads, over the first `windows` windows of the run's val split."""
+    seq_len = run.config.train.seq_len
+    sums, seen = np.zeros((len(run.model.blocks), seq_len)), 0
+    for inputs in mixer_inputs(run, windows):
+        for i, block in enumerate(run.model.blocks):
+            p = attention_weights(block.mixer, inputs[i])[0]  # (H, T, T)
+            for distance in range(seq_len):
+                diagonal = torch.diagonal(p, offset=-distance, dim1=-2, dim2=-1)
+                sums[i, distance] += diagonal.mean().item()
+        seen += 1
     return sums / seen
+
+
+@torch.no_grad()
+def generated_kernels(run: Run, windows: int = WINDOWS) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, spread), each (layers, heads, ...): the generated lag weights of every token of
+    the first `windows` val windows, their mean and standard deviation over the tokens."""
+    per_layer: list[list[Tensor]] = [[] for _ in run.model.blocks]
+    for inputs in mixer_inputs(run, windows):
+        for i, block in enumerate(run.model.blocks):
+            per_layer[i].append(block.mixer.generated_lag_weights(inputs[i]).flatten(0, 1))
+    tokens = [torch.cat(made).double() for made in per_layer]
+    mean = stack_padded([t.mean(0).numpy() for t in tokens])
+    return mean, stack_padded([t.std(0, correction=0).numpy() for t in tokens])
 
 
 def inspect_run(
@@ -128,19 +163,15 @@ def inspect_run(
     out = Path(out) if out is not None else Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     title = f"{Path(run_dir).name} (step {run.step})"
-    weights = lag_weights(run)
-    if weights.ndim == 4:  # a kernel over query and key lags per head
-        kernels = plot_token_kernels(weights, title, out / KERNELS_PNG)
-    elif weights.ndim == 3:  # a weight per lag per head
-        kernels = plot_channel_weights(weights, title, out / CHANNEL_PNG)
-    else:
-        raise InspectError(
-            f"inspect draws (heads, lags) or (heads, lags, lags) weights, not {kind!r}'s"
-        )
+    mixer = run.model.blocks[0].mixer
+    kernels = plot_lag_weights(lag_weights(run), title, out, "", mixer.first_lag)
+    other = load_run(against) if against is not None else None
+    generated = None
+    if mixer.generates:
+        generated = plot_generated(run, other, title, out, windows)
 
     profiles = {f"{Path(run_dir).name} ({kind})": distance_profile(run, windows)}
-    if against is not None:
-        other = load_run(against)
+    if other is not None:
         other_kind = other.config.model.mixer.kind
         profiles[f"{Path(against).name} ({other_kind})"] = distance_profile(other, windows)
     distance = plot_distance(profiles, out / DISTANCE_PNG)
@@ -148,7 +179,35 @@ def inspect_run(
     json_path.write_text(
         json.dumps({name: p.tolist() for name, p in profiles.items()}) + "\n", encoding="utf-8"
     )
-    return Inspection(kernels, distance, json_path)
+    return Inspection(kernels, distance, json_path, generated)
+
+
+def plot_lag_weights(
+    weights: np.ndarray, title: str, out: Path, prefix: str, first_lag: int | None
+) -> Path:
+    """Draw (layers, heads, lags, lags) kernels or (layers, heads, lags) weights."""
+    if weights.ndim == 4:  # a kernel over query and key lags per head
+        return plot_token_kernels(weights, title, out / f"{prefix}{KERNELS_PNG}")
+    if weights.ndim == 3:  # a weight per lag per head
+        name = CHANNEL_PNG if first_lag is None else TOKEN_LAGS_PNG
+        return plot_channel_weights(weights, title, out / f"{prefix}{name}", first_lag)
+    raise InspectError(f"inspect draws (heads, lags) or (heads, lags, lags) weights, not {title}'s")
+
+
+def plot_generated(run: Run, other: Run | None, title: str, out: Path, windows: int) -> Path:
+    """Generated kernels: the mean over tokens (returned), the spread, and beside them the
+    static lag weights of `other` (a static run) when it has some of the same form."""
+    mean, spread = generated_kernels(run, windows)
+    first_lag = run.model.blocks[0].mixer.first_lag
+    path = plot_lag_weights(mean, f"{title}, generated, mean", out, "generated_", first_lag)
+    plot_lag_weights(spread, f"{title}, generated, spread", out, "generated_spread_", first_lag)
+    static = other.model.blocks[0].mixer if other is not None else None
+    if static is not None and static.lag_weights() is not None:
+        weights = lag_weights(other)
+        if weights.ndim == mean.ndim:
+            name = f"{other.dir.name} (step {other.step}), static"
+            plot_lag_weights(weights, name, out, "against_", static.first_lag)
+    return path
 
 
 def text_style(value: float, limit: float) -> dict[str, str]:
@@ -159,7 +218,7 @@ def text_style(value: float, limit: float) -> dict[str, str]:
 
 def plot_token_kernels(kernels: np.ndarray, title: str, path: Path) -> Path:
     layers, heads, window_q, window_k = kernels.shape
-    limit = float(np.abs(kernels).max()) or 1.0
+    limit = float(np.nanmax(np.abs(kernels))) or 1.0
     size = (1.5 + 0.5 * heads * max(window_k, 2), 0.8 + 0.5 * layers * max(window_q, 2))
     fig, axes = plt.subplots(layers, heads, figsize=size, squeeze=False, layout="constrained")
     for layer in range(layers):
@@ -186,10 +245,13 @@ def plot_token_kernels(kernels: np.ndarray, title: str, path: Path) -> Path:
     return path
 
 
-def plot_channel_weights(alpha: np.ndarray, title: str, path: Path) -> Path:
+def plot_channel_weights(
+    alpha: np.ndarray, title: str, path: Path, first_lag: int | None = None
+) -> Path:
+    """Weights per lag, per layer and head; lags first_lag.. (None: centred, -L..L)."""
     layers, heads, width = alpha.shape
-    lags = (width - 1) // 2
-    limit = float(np.abs(alpha).max()) or 1.0
+    lags = (width - 1) // 2 if first_lag is None else -first_lag  # column 0 is lag -lags
+    limit = float(np.nanmax(np.abs(alpha))) or 1.0
     size = (3.0 + 0.7 * width, 1.0 + (0.6 + 0.35 * heads) * layers)
     fig, axes = plt.subplots(layers, 1, figsize=size, layout="constrained")
     axes = np.atleast_1d(axes)
@@ -200,17 +262,18 @@ def plot_channel_weights(alpha: np.ndarray, title: str, path: Path) -> Path:
             vmin=-limit,
             vmax=limit,
             aspect="auto",
-            extent=(-lags - 0.5, lags + 0.5, heads - 0.5, -0.5),
+            extent=(-lags - 0.5, width - lags - 0.5, heads - 0.5, -0.5),
         )
         for (head, i), value in np.ndenumerate(alpha[layer]):
-            ax.text(i - lags, head, f"{value:.2f}", fontsize=6, **text_style(value, limit))
+            if not np.isnan(value):
+                ax.text(i - lags, head, f"{value:.2f}", fontsize=6, **text_style(value, limit))
         ax.set_yticks(range(heads))
-        ax.set_xticks(range(-lags, lags + 1))
+        ax.set_xticks(range(-lags, width - lags))
         ax.set_ylabel(f"layer {layer}\nhead", fontsize=7)
         ax.tick_params(labelsize=7)
-    axes[-1].set_xlabel("channel lag tau", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.6, label="alpha_tau")
-    fig.suptitle(f"channel-lag weights: {title}", fontsize=9)
+    axes[-1].set_xlabel("lag (channel lag tau, or token lag)", fontsize=8)
+    fig.colorbar(image, ax=list(axes), shrink=0.6, label="weight")
+    fig.suptitle(f"lag weights: {title}", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -41,7 +41,9 @@ class Plan:
     token_idx: torch.Tensor  # (N,) token of each kept row
     slot_idx: torch.Tensor  # (N,) flat assignment t * k + j of each kept row
     counts: list[int]  # (E,) kept rows per expert: the slice lengths
-    routed: torch.Tensor  # (E,) assignments routed to each expert, before any dropping
+    # (E,) assignments routed to each expert, before any dropping: CPU bookkeeping, read
+    # off the one host transfer the split sizes need anyway (no extra sync per layer)
+    routed: torch.Tensor
     dropped_idx: torch.Tensor | None = None  # flat assignments dropped (None: dropless)
 
     @property
@@ -68,7 +70,8 @@ def plan(
     routed = torch.bincount(flat, minlength=n_experts)
     if cap is None:
         order = torch.argsort(flat, stable=True)
-        return Plan(order // top_k, order, routed.tolist(), routed)
+        counts = routed.tolist()
+        return Plan(order // top_k, order, counts, torch.tensor(counts, device="cpu"))
     n_groups = 1 if group is None else -(-indices.shape[0] // group)
     # one key per (expert, group): a stable sort by it groups by expert, then by group,
     # in position order; an assignment's rank within its key decides its fate
@@ -83,14 +86,16 @@ def plan(
     rank = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     keep = rank < cap
     kept_order = order[keep]
-    counts = torch.bincount(flat[kept_order], minlength=n_experts).tolist()
-    return Plan(kept_order // top_k, kept_order, counts, routed, order[~keep])
+    kept = torch.bincount(flat[kept_order], minlength=n_experts)
+    counts, routed_host = torch.stack([kept, routed]).tolist()  # one host transfer
+    routed_cpu = torch.tensor(routed_host, device="cpu")
+    return Plan(kept_order // top_k, kept_order, counts, routed_cpu, order[~keep])
 
 
 def drops_per_position(p: Plan, top_k: int, seq_len: int) -> torch.Tensor:
     """(seq_len,) dropped assignments at each position of the sequences (all rows summed)."""
     if p.dropped_idx is None:
-        return torch.zeros(seq_len, dtype=torch.long)
+        return torch.zeros(seq_len, dtype=torch.long, device="cpu")
     pos = (p.dropped_idx // top_k) % seq_len
     return torch.bincount(pos, minlength=seq_len).cpu()
 

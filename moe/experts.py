@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,8 +91,9 @@ class _RoutedExperts(torch.autograd.Function):
     width (fine-grained experts): g * (a @ w_out) = (g * a) @ w_out, and g * a is kept in
     place of a: it is what w_out's gradient needs, and the gate gradient
     <dy, a @ w_out + b_out> = <dy @ w_out^T, a> + <dy, b_out> takes <u, g * a> / g, one
-    dot per row (exact to rounding; where some gate is exactly 0, a is recomputed from h
-    instead). At the output width: out += g * y, and y is kept for the gate gradient <dy, y>.
+    dot per row (exact to rounding; where some gate is exactly 0, or in fp16, where g * a
+    can be subnormal, a is recomputed from h instead). At the output width: out += g * y,
+    and y is kept for the gate gradient <dy, y>.
     """
 
     @staticmethod
@@ -142,8 +145,13 @@ class _RoutedExperts(torch.autograd.Function):
         ctx.counts, ctx.activation, ctx.rows = counts, activation, scratch.rows
         ctx.grad_buffers = grad_buffers
         ctx.gate_a, ctx.keep_y = gate_a, keep_y
-        # <u, g * a> / g is undefined where g == 0: then a is recomputed from h
-        ctx.recompute_a = gate_a and ctx.needs_input_grad[1] and bool((gates == 0).any())
+        # <u, g * a> / g is undefined where g == 0, and in fp16 (5 exponent bits) g * a goes
+        # subnormal for small gates and loses its digits: then a is recomputed from h
+        ctx.recompute_a = (
+            gate_a
+            and ctx.needs_input_grad[1]
+            and (x.dtype == torch.float16 or bool((gates == 0).any()))
+        )
         ctx.has_b_in = b_in is not None
         return out
 
@@ -250,8 +258,9 @@ def grouped_routed_experts(
     """`_RoutedExperts`' function through torch's grouped GEMM: the tokens gathered once
     into expert order, each matmul one kernel over every expert; autograd differentiates.
     weights: (w_in, w_out, b_in, b_out) as `Experts` holds them.
-    On CUDA (bf16, SM >= 80) that replaces E small launches by one; on CPU torch 2.13's
-    grouped_mm is a loop itself and measured 1.09-1.94x slower than ours, so it is opt-in."""
+    Where `grouped_mm_fits` (CUDA bf16 on SM 9.x/10.x, aligned) that replaces E small
+    launches by one; elsewhere torch's grouped_mm is a loop itself (on SM 8.x with a host
+    sync; on CPU torch 2.13 measured 1.09-1.94x slower than ours), so `auto` skips it."""
     w_in, w_out, b_in, b_out = weights
     sizes = torch.tensor(counts, device=x.device)
     offs = sizes.cumsum(0).to(torch.int32)
@@ -267,15 +276,42 @@ def grouped_routed_experts(
     return y.new_zeros(n_out, y.shape[1]).index_add(0, tok, y)
 
 
-def use_grouped_mm(matmul: str, x: torch.Tensor) -> bool:
-    """`auto`: grouped GEMM where torch has a fused kernel for it (CUDA, bf16, SM >= 80)."""
+GROUPED_MM_MAJORS = (9, 10)  # SM 9.x, 10.x: torch's fused bf16 kernel; 8.x loops, host-synced
+
+
+def grouped_mm_fits(
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtypes: Sequence[torch.dtype],
+    widths: Sequence[int],
+    pointers: Sequence[int],
+) -> bool:
+    """Whether CUDA's fused grouped GEMM takes these operands: bf16, SM 9.x or 10.x, every
+    matmul width a multiple of 8 and every data pointer 16-byte aligned (its checks; a
+    weight inside DeepSpeed's flat bf16 buffer can sit at any element offset)."""
+    return (
+        device_type == "cuda"
+        and capability is not None
+        and capability[0] in GROUPED_MM_MAJORS
+        and all(d == torch.bfloat16 for d in dtypes)
+        and all(w % 8 == 0 for w in widths)
+        and all(ptr % 16 == 0 for ptr in pointers)
+    )
+
+
+def use_grouped_mm(matmul: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """`auto`: grouped GEMM where `grouped_mm_fits` these operands, at call time."""
     if matmul != "auto":
         return matmul == "grouped"
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(F, "grouped_mm")
-        and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if not (x.is_cuda and hasattr(F, "grouped_mm")):
+        return False
+    operands = (x, w_in, w_out)
+    return grouped_mm_fits(
+        x.device.type,
+        torch.cuda.get_device_capability(x.device),
+        [t.dtype for t in operands],
+        (x.shape[-1], *w_in.shape[1:], *w_out.shape[1:]),
+        [t.data_ptr() for t in operands],
     )
 
 
@@ -356,7 +392,7 @@ class Experts(nn.Module):
             args = [None if a is None else a.to(dtype) for a in args]
         n_out = x.shape[0] if n_out is None else n_out
         with torch.autocast(device, enabled=False):
-            if use_grouped_mm(self.matmul, args[0]):
+            if use_grouped_mm(self.matmul, args[0], args[2], args[3]):
                 x, gates, *weights = args
                 return grouped_routed_experts(
                     x, gates, tuple(weights), tok, counts, n_out, self.activation

@@ -64,9 +64,11 @@ class MoE(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.dispatcher: Dispatcher = LocalDispatch()  # shard_experts swaps it
         self.balance_group: ProcessGroup | None = None
-        self.aux_loss = torch.zeros(())
+        # Bookkeeping lives on the CPU, named (zero.Init sends unnamed tensors to the GPU):
+        # the split sizes cross to the host every forward anyway, and the counts ride along.
+        self.aux_loss = torch.zeros((), device="cpu")
         self._stats = RoutingStats.empty(o.n_experts)
-        self._bias_load = torch.zeros(o.n_experts, dtype=torch.long)  # since update_bias
+        self._bias_load = torch.zeros(o.n_experts, dtype=torch.long, device="cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., T, d), a batch of sequences of T positions ((T, d): one sequence)."""
@@ -138,7 +140,7 @@ class MoE(nn.Module):
         if self.training:
             self._stats = self._stats.add(r, p, probs, seq_len, aux, z)
             if o.balance == "loss_free":
-                self._bias_load += p.routed.cpu()
+                self._bias_load += p.routed
         return total
 
     def pop_metrics(self) -> dict[str, float | list[int]]:

@@ -31,7 +31,7 @@ class MoEOptions:
     z_coef: float = 0.001  # router z-loss coefficient (any balance mode)
     bias_rate: float = 0.001  # loss-free bias update rate (balance: loss_free)
     # loop: one hand-fused pass per expert; grouped: torch's grouped GEMM; auto: grouped
-    # where torch has a fused kernel (CUDA, bf16, SM >= 80), the loop elsewhere
+    # where torch has a fused kernel (CUDA bf16 on SM 9.x/10.x, aligned), the loop elsewhere
     expert_matmul: Literal["auto", "loop", "grouped"] = "auto"
     moe_every: int = 1  # MoE in every n-th block (the last of each n), dense FFNs elsewhere
 

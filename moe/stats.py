@@ -22,20 +22,24 @@ def _add_padded(total: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
 
 def _binned_fraction(part: torch.Tensor, whole: torch.Tensor, bins: int) -> list[float]:
     """sum(part) / sum(whole) over `bins` equal spans (fewer when shorter)."""
-    spans = torch.arange(whole.numel()) * min(bins, whole.numel()) // whole.numel()
+    spans = torch.arange(whole.numel(), device="cpu") * min(bins, whole.numel()) // whole.numel()
     n = int(spans.max()) + 1
-    num = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, part.double())
-    den = torch.zeros(n, dtype=torch.float64).index_add_(0, spans, whole.double())
+    num = torch.zeros(n, dtype=torch.float64, device="cpu").index_add_(0, spans, part.double())
+    den = torch.zeros(n, dtype=torch.float64, device="cpu").index_add_(0, spans, whole.double())
     return (num / den.clamp(min=1)).tolist()
 
 
 def _no_positions() -> torch.Tensor:
-    return torch.zeros(0, dtype=torch.long)
+    return torch.zeros(0, dtype=torch.long, device="cpu")
 
 
 @dataclass(frozen=True, eq=False)
 class RoutingStats:
     """Detached sums over the training forwards since the last report (CPU, this rank).
+
+    CPU whatever the model's device: every factory names it (under ZeRO-3's `zero.Init`
+    an unnamed one lands on the GPU), and the per-forward scalars reach the host in one
+    transfer.
 
     A value: `add` returns the new sums and changes nothing in place, so whoever saves a
     layer's attributes and puts them back (activation checkpointing, around the forward
@@ -55,7 +59,7 @@ class RoutingStats:
     @classmethod
     def empty(cls, n_experts: int) -> RoutingStats:
         """Nothing counted yet."""
-        return cls(load=torch.zeros(n_experts, dtype=torch.long))
+        return cls(load=torch.zeros(n_experts, dtype=torch.long, device="cpu"))
 
     @torch.no_grad()
     def add(
@@ -74,22 +78,26 @@ class RoutingStats:
         positions: dict[str, torch.Tensor] = {}
         if p.dropped_idx is not None:
             drops = drops_per_position(p, r.indices.shape[1], seq_len)
-            per_pos = torch.full((seq_len,), assigned // seq_len)
+            per_pos = torch.full((seq_len,), assigned // seq_len, device="cpu")
             positions = dict(
                 dropped_at=_add_padded(self.dropped_at, drops),
                 assigned_at=_add_padded(self.assigned_at, per_pos),
             )
         if aux is None:
             aux = balance.switch_aux_loss(probs, r.indices, n_experts)
+        if z is None:
+            z = balance.z_loss(r.logits)
+        entropy = torch.special.entr(probs).sum(-1).mean()
+        scalars = torch.stack([entropy.double(), aux.double(), z.double()]).tolist()
         return replace(
             self,
             steps=self.steps + 1,
-            load=self.load + p.routed.cpu(),
+            load=self.load + p.routed,
             dropped=self.dropped + p.dropped,
             assigned=self.assigned + assigned,
-            entropy=self.entropy + float(torch.special.entr(probs).sum(-1).mean()),
-            aux_loss=self.aux_loss + float(aux),
-            z_loss=self.z_loss + float(z if z is not None else balance.z_loss(r.logits)),
+            entropy=self.entropy + scalars[0],
+            aux_loss=self.aux_loss + scalars[1],
+            z_loss=self.z_loss + scalars[2],
             **positions,
         )
 

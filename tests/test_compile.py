@@ -24,6 +24,8 @@ VOCAB, T, B, STEPS = 64, 16, 4, 4
 MIXERS = {
     "dot": {"kind": "dot"},
     "token_xcorr": {"kind": "token_xcorr", "window_q": 3, "window_k": 3, "rank": 2},
+    "involution": {"kind": "involution", "kernel": 3},
+    "inv_xcorr": {"kind": "inv_xcorr", "window_q": 3, "window_k": 3, "rank": 2},
 }
 MOE = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden_mult": 1.0}
 
@@ -76,6 +78,8 @@ def fresh_dynamo():
         ("token_xcorr", "dense", False),
         ("token_xcorr", "moe", False),  # mixer compiled, the MoE FFN eager
         ("token_xcorr", "dense", True),  # activation checkpointing around compiled blocks
+        ("involution", "dense", False),
+        ("inv_xcorr", "dense", False),
     ],
 )
 def test_compiled_losses_equal_eager_and_compile_once(mixer, ffn, checkpointed):

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import pytest
 import sentencepiece as spm
 import torch
 import zstandard
+from ray_cluster import run_on_cluster
 from test_data import TRICKY, WORDS, DataCfg, TokCfg, make_text, parts_between_eos
-from test_distributed import RAY_HEAD
 from test_train import small_config
 
 from leviathan.cli import main
@@ -32,8 +30,6 @@ from leviathan.data.tokenizer import word_pieces
 from leviathan.errors import DataError
 from leviathan.train.evaluate import evaluate, unigram_bpc
 from leviathan.train.trainer import train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def quiet(_: str) -> None:
@@ -388,9 +384,7 @@ def test_prepare_cli_takes_workers_and_ray_before_overrides(folder, tmp_path, mo
 
 # ---------------------------------------------------------------- Ray Data
 
-RAY_PREPARE = (
-    RAY_HEAD
-    + """
+RAY_PREPARE = """
 SECONDS=0
 leviathan prepare --ray 127.0.0.1:6379 --input "$CORPUS" data.dir="$OUT/ray" \\
     data.shard_tokens=2000 data.tokenizer.vocab_size=320 data.val_fraction=0.1 > "$OUT/ray.log" 2>&1
@@ -407,7 +401,6 @@ ray job submit --address http://127.0.0.1:8265 --working-dir . -- python launch/
     data.val_fraction=0.1 > "$OUT/job.log" 2>&1
 echo $? > "$OUT/job.rc"
 """
-)
 
 
 @pytest.mark.slow
@@ -422,14 +415,7 @@ def test_ray_data_path_writes_the_local_shards(texts, folder, tmp_path):
     (tmp_path / "cjk.txt").write_text("漢字 is new\n" + "plain words\n" * 50, encoding="utf-8")
     write_raw_model(tmp_path / "raw.model")
     local = build(corpus, tmp_path / "local", shard_tokens=2000, workers=2, batch_chars=3000)
-    env = dict(
-        os.environ,
-        BIN=str(Path(sys.executable).parent),
-        OUT=str(tmp_path),
-        CORPUS=str(corpus),
-        REPO=str(REPO),
-    )
-    subprocess.run(["unshare", "-n", "bash", "-c", RAY_PREPARE], env=env, timeout=600)
+    run_on_cluster(RAY_PREPARE, tmp_path, 600, CORPUS=str(corpus))
     log = (tmp_path / "ray.log").read_text()
     assert (tmp_path / "ray.rc").read_text().strip() == "0", log[-4000:]
     assert "with Ray Data" in log

@@ -21,6 +21,9 @@ MIXERS = {
     "channel_xcorr-0": {"kind": "channel_xcorr", "lags": 0},
     "dconv-3": {"kind": "dconv", "kernel": 3},
     "dconv-1": {"kind": "dconv", "kernel": 1},
+    "involution-3,5": {"kind": "involution", "kernel": [3, 5], "groups": 4},
+    "involution-1": {"kind": "involution", "kernel": 1, "softmax": False},
+    "inv_xcorr-3x2-r2": {"kind": "inv_xcorr", "window_q": 3, "window_k": 2, "rank": 2},
 }
 FFNS = {
     "dense": {"kind": "dense", "activation": "gelu"},
@@ -92,7 +95,7 @@ def test_greedy_cached_equals_uncached_past_block_size(mixer, ffn):
     assert len(out[:, 5:].unique()) > 5  # the tokens vary: the comparison means something
 
 
-@pytest.mark.parametrize("mixer", ["dot", "token_xcorr-3x2-r2", "dconv-3"])
+@pytest.mark.parametrize("mixer", ["dot", "token_xcorr-3x2-r2", "dconv-3", "inv_xcorr-3x2-r2"])
 def test_rope_rmsnorm_cached_equals_uncached(mixer):
     """Rotary positions (a cached step rotates by its absolute position) and RMSNorm."""
     model = model_of(mixer, "swiglu", positions="rope", norm="rmsnorm")
@@ -115,7 +118,7 @@ def test_prompt_of_one_token(mixer):
     assert_cached_equals_uncached(model, torch.tensor([[7]]), BLOCK + 4, temperature=0)
 
 
-@pytest.mark.parametrize("mixer", ["token_xcorr-2x5-r2", "channel_xcorr-2"])
+@pytest.mark.parametrize("mixer", ["token_xcorr-2x5-r2", "channel_xcorr-2", "involution-3,5"])
 def test_prompt_longer_than_block_size(mixer):
     model = model_of(mixer)
     prompt = torch.randint(0, VOCAB, (2, BLOCK + 7), generator=torch.Generator().manual_seed(3))

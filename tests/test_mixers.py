@@ -19,6 +19,8 @@ from leviathan.model.mixers import (
     DconvOptions,
     DotMixer,
     DotOptions,
+    InvolutionOptions,
+    InvXcorrOptions,
     Mixer,
     TokenXcorrMixer,
     TokenXcorrOptions,
@@ -196,6 +198,8 @@ MIXER_CASES = {
     "channel": ChannelXcorrOptions(lags=2),
     "dconv": DconvOptions(kernel=3),
     "dconv_long": DconvOptions(kernel=5),
+    "involution": InvolutionOptions(kernel=5, groups=4),  # K > t: every earlier step reached
+    "inv_xcorr": InvXcorrOptions(window_q=3, window_k=2, rank=2),
 }
 
 
@@ -380,7 +384,10 @@ def test_check_messages() -> None:
 
 
 def test_registry() -> None:
-    assert set(MIXERS) == {"dot", "token_xcorr", "channel_xcorr", "dconv"}
+    assert set(MIXERS) == {"dot", "token_xcorr", "channel_xcorr", "dconv"} | {
+        "involution",
+        "inv_xcorr",
+    }
     for kind, cls in MIXERS.items():
         assert cls.Options().kind == kind
 

@@ -11,6 +11,8 @@ MIXER_OPTIONS = {
     "token_xcorr": {"kind": "token_xcorr", "window_q": 3, "window_k": 2, "rank": 2},
     "channel_xcorr": {"kind": "channel_xcorr", "lags": 2},
     "dconv": {"kind": "dconv", "kernel": 3},
+    "involution": {"kind": "involution", "kernel": [3, 5], "groups": 4},
+    "inv_xcorr": {"kind": "inv_xcorr", "window_q": 3, "window_k": 2, "rank": 2},
 }
 
 
@@ -32,7 +34,7 @@ def tiny_model(mixer: str, ffn: str = "gelu", **model) -> Leviathan:
     model = Leviathan(config_from_dict(raw).model).double()
     with torch.no_grad():  # move the lag kernels off their delta so they matter
         for name, p in model.named_parameters():
-            if name.endswith((".f", ".g", ".alpha", ".conv")):
+            if name.endswith((".f", ".g", ".alpha", ".conv", ".w1")):
                 p.add_(0.3 * torch.randn_like(p))
     return model.eval()
 

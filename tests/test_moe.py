@@ -4,6 +4,7 @@ losses, loss-free bias, options, parameter tags, cost counts and metrics."""
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import pathlib
 
@@ -161,6 +162,46 @@ def test_grouped_gemm_and_loop_agree_with_an_empty_expert():
     for got, want in zip(results["grouped"], results["loop"], strict=True):  # fp32, O(1) values
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert results["grouped"][3][1].abs().max() == 0  # w_in of the empty expert
+
+
+FITS = dict(
+    device_type="cuda",
+    capability=(9, 0),
+    dtypes=[torch.bfloat16] * 3,
+    widths=(16, 64, 32, 16),
+    pointers=(0, 256, 4096),
+)
+
+
+@pytest.mark.parametrize(
+    "change, fits",
+    [
+        ({}, True),
+        ({"capability": (10, 0)}, True),
+        ({"capability": (8, 0)}, False),  # torch loops per group there, with a host sync
+        ({"capability": (8, 9)}, False),
+        ({"capability": (12, 0)}, False),
+        ({"device_type": "cpu", "capability": None}, False),
+        ({"dtypes": [torch.bfloat16, torch.float16, torch.bfloat16]}, False),
+        ({"dtypes": [torch.float32] * 3}, False),
+        ({"widths": (16, 60, 32, 16)}, False),
+        ({"pointers": (0, 256 + 8, 4096)}, False),
+    ],
+)
+def test_auto_takes_grouped_gemm_only_where_cuda_fuses_it(change, fits):
+    assert moe.experts.grouped_mm_fits(**{**FITS, **change}) is fits
+
+
+def test_a_weight_at_an_odd_offset_of_a_flat_bf16_buffer_takes_the_loop():
+    """DeepSpeed's flat bf16 buffer: tiny-moe's w_in sits at an element offset 4 mod 8."""
+    flat = torch.zeros(4 + 2 * 16 * 64, dtype=torch.bfloat16)
+    w_in = flat[4:].view(2, 16, 64)
+    assert w_in.data_ptr() % 16 == 8
+    ptrs = (0, w_in.data_ptr(), 4096)
+    assert not moe.experts.grouped_mm_fits(**{**FITS, "pointers": ptrs})
+    x = torch.zeros(3, 16, dtype=torch.bfloat16)
+    assert not moe.experts.use_grouped_mm("auto", x, w_in, w_in.transpose(1, 2))  # CPU
+    assert moe.experts.use_grouped_mm("grouped", x, w_in, w_in.transpose(1, 2))
 
 
 def test_expert_gradient_buffers_are_reused_only_when_free():
@@ -515,3 +556,27 @@ def test_moe_package_does_not_import_leviathan():
             else:
                 continue
             assert not any(n.split(".")[0] == "leviathan" for n in names), path
+
+
+def test_fp16_gate_gradient_keeps_its_digits_when_gate_times_activation_is_subnormal():
+    """Small gates times small activations fall below fp16's normal range (6.1e-5): the
+    gate gradient must not be read back from that product."""
+    torch.manual_seed(0)
+    ex = moe.Experts(2, 16, 8, "gelu")  # hidden 8 <= d 16: the gate applies to a
+    with torch.no_grad():
+        ex.w_in.normal_(0, 0.005)  # a ~ 1e-2, g * a ~ 1e-6: subnormal in fp16
+        ex.w_out.normal_(0, 1.0)
+    x = torch.randn(6, 16)
+    tok, counts = torch.tensor([0, 1, 2, 3, 4, 5]), [3, 3]
+    gates = torch.full((6,), 1e-4)
+    dy = torch.randn(6, 16)
+
+    def gate_grad(dtype):
+        experts = copy.deepcopy(ex).to(dtype)
+        g = gates.to(dtype).requires_grad_()
+        out = experts(x.to(dtype), tok, counts, g)
+        (out * dy.to(dtype)).sum().backward()
+        return g.grad.double()
+
+    want = gate_grad(torch.float64)
+    torch.testing.assert_close(gate_grad(torch.float16), want, rtol=2e-2, atol=0)

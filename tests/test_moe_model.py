@@ -9,6 +9,7 @@ from leviathan.config import config_from_dict, load_config
 from leviathan.errors import ConfigError
 from leviathan.model import Leviathan
 from leviathan.model.ffn import DenseFFN, MoEFFN
+from leviathan.train.plots import balance_figure, expert_load_figure, save
 from leviathan.train.trainer import train
 
 
@@ -123,3 +124,33 @@ def test_tiny_moe_trains_and_writes_routing_metrics(tmp_path):
     media = tmp_path / "run" / "wandb"
     images = sorted(media.glob("offline-run-*/files/media/images/moe/expert_load_*.png"))
     assert len(images) == 2, sorted(str(p) for p in media.rglob("*.png"))
+
+
+def test_expert_load_and_balance_figures(tmp_path):
+    records = [
+        {
+            "step": step,
+            "moe": {
+                layer: {
+                    "load": [4 * step, 10, 10, 20],
+                    "imbalance": 1.0 + step / 10,
+                    "dropped_frac": 0.01,
+                    "aux_loss": 1.1,
+                    "z_loss": 2.0,
+                }
+                for layer in ("layer1", "layer3")
+            },
+        }
+        for step in range(1, 6)
+    ]
+    load = expert_load_figure(records)
+    assert len(load.axes) == 3  # a heatmap per MoE layer, then one colour bar for all
+    norms = {id(ax.images[0].norm) for ax in load.axes[:2]}
+    assert len(norms) == 1 and load.axes[0].images[0].norm.vcenter == 0.25  # one scale, 1/E
+    assert "1/E = 0.25" in [t.get_text() for t in load.axes[2].get_yticklabels()]
+    balance = balance_figure(records)
+    titles = [ax.get_title() for ax in balance.axes]
+    assert len(titles) == 4 and titles[0].startswith("imbalance") and "z-loss" in titles[3]
+    for name, fig in (("load.png", load), ("balance.png", balance)):
+        save(fig, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"

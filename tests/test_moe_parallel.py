@@ -132,3 +132,30 @@ def test_expert_parallel_matches_single_process(tmp_path):
             torch.testing.assert_close(torch.cat([r[key] for r in ranks]), value, rtol=0, atol=0)
         else:
             assert all(torch.equal(r[key], value) for r in ranks), key
+
+
+def test_rows_cross_the_all_to_all_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the exchanged rows are bf16 both ways, not fp32 (one rank, the
+    collective replaced by a copy that notes what it sends)."""
+    import torch.distributed as dist
+
+    from moe.dispatch import plan
+    from moe.parallel import AllToAllDispatch
+
+    sent = []
+
+    def all_to_all_single(out, inp, out_splits=None, in_splits=None, group=None):
+        sent.append(inp.dtype)
+        out.copy_(inp)
+
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(dist, "all_to_all_single", all_to_all_single)
+    torch.manual_seed(0)
+    layer = MoE(8, MoEOptions(n_experts=4, top_k=2, expert_hidden_mult=1.0))
+    x = torch.randn(6, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = layer.router(x)
+        out = AllToAllDispatch(None)(x, r.gates, plan(r.indices, 4), layer.experts)
+    out.float().sum().backward()
+    rows = [d for d in sent if d != torch.long]  # the counts exchange is int64
+    assert rows == [torch.bfloat16] * 4  # forward there and back, backward there and back

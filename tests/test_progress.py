@@ -17,7 +17,7 @@ import pytest
 from leviathan.config import config_from_dict
 from leviathan.data import prepare
 from leviathan.errors import ConfigError
-from leviathan.train.progress import Progress, clock, use_bar
+from leviathan.train.progress import Progress, clock, step_line, use_bar
 
 STEPS, INTERVAL = 12, 5
 LINE = re.compile(
@@ -187,3 +187,14 @@ def test_log_interval_must_be_positive():
         config_from_dict({"train": {"log_interval": 0}})
     with pytest.raises(ConfigError, match=r"^train\.progress: expected one of 'auto'"):
         config_from_dict({"train": {"progress": "tty"}})
+
+
+def test_an_moe_line_shows_imbalance_and_dropped():
+    moe = {
+        "layer0": {"imbalance": 1.5, "dropped_frac": 0.01},
+        "layer1": {"imbalance": 2.25, "dropped_frac": 0.03},
+    }
+    line = step_line(record(7) | {"moe": moe}, 12, 5.0)
+    # the worst layer's imbalance, the dropped share of all layers' assignments
+    assert line.startswith("step 7/12: loss 2.5000, imbalance 2.25, dropped 2.0%, 1,234 tok/s")
+    assert "imbalance" not in step_line(record(7), 12, None)  # a dense step

@@ -8,7 +8,9 @@ is a real tmpfs (in a private mount namespace) where one can be mounted.
 
 from __future__ import annotations
 
+import argparse
 import errno
+import importlib.util
 import json
 import os
 import re
@@ -17,11 +19,13 @@ import signal
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import yaml
 from test_distributed import launch
+from test_train import cli as run_cli
 from test_train import read_metrics, small_config
 
 from leviathan.cli import build_parser, main, parse_args
@@ -518,7 +522,7 @@ def test_dataset_of_other_inputs_is_replaced_only_with_rebuild(corpus, one_play,
     built = prepare(cfg.data, log=quiet)
     bundled = small_config(corpus, tmp_path / "ds", tmp_path / "run", data={"inputs": []})
     with pytest.raises(DataError) as caught:
-        prepare(bundled.data, log=quiet)  # `train data.dir=X` without data.inputs
+        prepare(bundled.data, log=quiet)  # `train data.dir=X data.inputs=[]` (given)
     message = str(caught.value)
     assert (
         f"holds a dataset prepared from {corpus}, but data.inputs asks for the bundled" in message
@@ -602,3 +606,68 @@ def test_overrides_after_options_are_parsed(capsys):
         main(["eval", "--run", "runs/x", "model.n_layer=2"])
     assert code.value.code == 2
     assert "eval takes no KEY=VALUE overrides (model.n_layer=2)" in capsys.readouterr().err
+
+
+def command_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser a user meets: `leviathan` and each subcommand, the launch scripts."""
+    found = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        found.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for command, sub in action.choices.items():
+                    walk(sub, f"{name} {command}")
+
+    walk(build_parser(), "leviathan")
+    for script in ("train", "train_moe"):
+        found.append((f"launch/{script}.py", launch_script(script).build_parser()))
+    return found
+
+
+def launch_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_option_has_help_that_shows_its_default():
+    missing = []
+    for name, parser in command_parsers():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            if action.help == argparse.SUPPRESS:  # deepspeed's --local_rank: not for users
+                continue
+            text = parser._get_formatter()._expand_help(action) if action.help else ""
+            default = action.default
+            hidden = default not in (None, False, argparse.SUPPRESS) and not (
+                str(default) in text or repr(default) in text
+            )
+            if not text or hidden:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+    moe = launch_script("train_moe")
+    assert moe.parse_args(["--wandb", "offline"]).wandb == "offline"
+
+
+def test_version_and_config_files_on_the_command_line():
+    def leviathan(*args: str) -> subprocess.CompletedProcess:
+        return run_cli(*args, cwd=REPO)
+
+    done = leviathan("--version")
+    assert (done.returncode, done.stdout) == (0, f"leviathan {version('leviathan')}\n")
+    by_option = leviathan("params", "--config", "configs/tiny.yaml", "model.n_layer=2")
+    assert by_option.returncode == 0 and by_option.stdout.startswith("configs/tiny.yaml: ")
+    positional = leviathan("params", "configs/tiny.yaml", "model.n_layer=2")  # the older form
+    assert (positional.returncode, positional.stdout) == (0, by_option.stdout)
+    assert "deprecated: use `leviathan params --config configs/tiny.yaml`" in positional.stderr
+    derived = leviathan("ds-config", "--config", "configs/tiny.yaml", "parallel.zero_stage=3")
+    assert json.loads(derived.stdout)["zero_optimization"]["stage"] == 3
+    both = leviathan("ds-config", "--config", "configs/tiny.yaml", "configs/small.yaml")
+    assert both.returncode == 2
+    assert both.stderr.splitlines() == [
+        "error: ds-config: one config, got configs/tiny.yaml and configs/small.yaml: give it "
+        "as --config CONFIG; the other items must be KEY=VALUE overrides"
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from importlib.metadata import PackageNotFoundError, version
 
 from leviathan.cli.compare import add_compare_parser
 from leviathan.cli.ds_config import add_ds_config_parser
@@ -31,10 +32,19 @@ COMMANDS = (  # in the order `leviathan --help` lists them
 def build_parser() -> argparse.ArgumentParser:
     """The `leviathan` parser: one subparser per command, each set up beside its code."""
     parser = argparse.ArgumentParser(prog="leviathan", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for add_parser in COMMANDS:
         add_parser(subparsers)
     return parser
+
+
+def package_version() -> str:
+    """The installed package's version, as pip and `importlib.metadata` know it."""
+    try:
+        return version("leviathan")
+    except PackageNotFoundError:  # a source checkout run without `pip install -e .`
+        return "(not installed: no version)"
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

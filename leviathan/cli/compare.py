@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from leviathan.entry import WANDB_MODES
+from leviathan.cli.options import split_items
+from leviathan.entry import add_wandb_arg
 
 
 def seeds_arg(text: str) -> int | list[int]:
@@ -44,19 +44,25 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
         "reused, interrupted ones resumed; a failed run is reported and the rest go on "
         "(exit status 1). KEY=VALUE items override every config.",
     )
-    p.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE")
+    p.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|KEY=VALUE",
+        help="YAML configs to compare (the first is the baseline of the paired "
+        "differences), then KEY=VALUE overrides applied to every config",
+    )
     p.add_argument(
         "--seeds",
         type=seeds_arg,
         default=1,
-        help="N: seeds 0..N-1 per config (default 1); or seeds and ranges such as 0,2 or "
+        help="N: seeds 0..N-1 per config (default %(default)s); or seeds and ranges such as 0,2 or "
         "2-3 (processes that take different seeds can share one comparison's folder)",
     )
     p.add_argument(
         "--budget", required=True, help="steps=K, tokens=K or minutes=K (wall clock) per run"
     )
-    p.add_argument("--out", default="runs/compare", help="output folder (default runs/compare)")
-    p.add_argument("--wandb", choices=WANDB_MODES, default="disabled")
+    p.add_argument("--out", default="runs/compare", help="output folder (default %(default)s)")
+    add_wandb_arg(p, default="disabled")
     p.add_argument(
         "--report-only",
         action="store_true",
@@ -70,8 +76,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Run the comparison; exit status 1 when any run failed (the others still ran)."""
     from leviathan.compare import compare
 
-    configs = [i for i in args.items if "=" not in i or Path(i).is_file()]
-    overrides = [i for i in args.items if i not in configs]
+    configs, overrides = split_items(args.items)
     result = compare(
         configs,
         seeds=args.seeds,

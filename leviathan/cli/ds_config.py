@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from leviathan.cli.options import add_config_file_args
+from leviathan.cli.options import add_config_file_args, config_of
 from leviathan.config import load_config
 
 
@@ -22,6 +22,4 @@ def cmd_ds_config(args: argparse.Namespace) -> None:
 
     from leviathan.parallel.deepspeed.config import deepspeed_config
 
-    print(
-        json.dumps(deepspeed_config(load_config(args.config, args.overrides), args.gpu), indent=2)
-    )
+    print(json.dumps(deepspeed_config(load_config(*config_of(args)), args.gpu), indent=2))

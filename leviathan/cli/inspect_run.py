@@ -17,7 +17,9 @@ def add_inspect_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder (token_xcorr or channel_xcorr)")
     p.add_argument("--against", metavar="RUN", help="a run to compare the profile with")
     p.add_argument("--out", help="output folder (default: the run folder)")
-    p.add_argument("--windows", type=int, default=8, help="val windows to average over")
+    p.add_argument(
+        "--windows", type=int, default=8, help="val windows to average over (default %(default)s)"
+    )
     p.set_defaults(func=cmd_inspect)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from leviathan.cli.options import add_config_file_args
+from leviathan.cli.options import add_config_file_args, config_of
 from leviathan.config import load_config
 
 
@@ -26,9 +26,9 @@ def add_params_parser(subparsers: argparse._SubParsersAction) -> None:
         default="model.d_model",
         metavar="KEY",
         help="the key to solve for, e.g. model.n_layer, model.ffn.hidden_mult "
-        "(default model.d_model)",
+        "(default %(default)s)",
     )
-    p.add_argument("--tolerance", type=float, default=0.02, help="relative (default 0.02)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="relative (default %(default)s)")
     p.set_defaults(func=cmd_params)
 
 
@@ -36,10 +36,11 @@ def cmd_params(args: argparse.Namespace) -> None:
     """Print the sizes, and with `--match` the matching override and what it gives."""
     from leviathan.sizing import match_size, model_size
 
-    cfg = load_config(args.config, args.overrides)
+    path, overrides = config_of(args)
+    cfg = load_config(path, overrides)
     size = model_size(cfg)
     print(
-        f"{args.config}: {size.total:,} parameters ({size.active:,} active), "
+        f"{path}: {size.total:,} parameters ({size.active:,} active), "
         f"{size.flops_per_token / 1e6:.2f} MFLOPs/token forward at seq_len {size.seq_len} "
         f"(vocab {size.vocab_size:,})"
     )

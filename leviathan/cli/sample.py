@@ -15,20 +15,26 @@ def add_sample_parser(subparsers: argparse._SubParsersAction) -> None:
     """The `sample` command; `--context-keep` and `--compile` trade speed for long outputs."""
     p = subparsers.add_parser("sample", help="continue a prompt")
     add_run_args(p)
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-new-tokens", type=bounded(int, 0, "a count >= 0"), default=200)
+    p.add_argument("--prompt", default="\n", help="text to continue (default %(default)r)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=bounded(int, 0, "a count >= 0"),
+        default=200,
+        help="tokens to generate (default %(default)s)",
+    )
     p.add_argument(
         "--temperature",
         type=bounded(float, 0, "a number >= 0 (0: greedy)"),
         default=0.8,
+        help="softmax temperature; 0 takes the likeliest token (default %(default)s)",
     )
     p.add_argument(
         "--top-k",
         type=TOKENS,
         default=200,
-        help="sample among the K likeliest tokens (default 200)",
+        help="sample among the K likeliest tokens (default %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
     p.add_argument(
         "--context-keep",
         type=TOKENS,

@@ -6,8 +6,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from leviathan.config import load_config
-from leviathan.entry import NO_VAL, add_config_args, add_train_args, train_as_asked
+from leviathan.entry import (
+    add_config_args,
+    add_train_args,
+    config_as_asked,
+    print_closing,
+    train_as_asked,
+)
 
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,18 +36,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides.append(f"run.wandb={args.wandb}")
     if args.peak_flops is not None:
         overrides.append(f"train.peak_flops={args.peak_flops!r}")
-    cfg = load_config(args.config, overrides)
+    cfg = config_as_asked(args, overrides)
     started = time.perf_counter()
     summary = train_as_asked(cfg, args)
-    print(f"\nsample:\n{summary.sample}\n")
-    if summary.val_bpc is None:
-        print(NO_VAL)
-    else:
-        print(f"final val loss {summary.val_loss:.4f} nats/token")
-        print(
-            f"final val BPC {summary.val_bpc:.4f} "
-            f"(unigram baseline of this tokenizer {summary.unigram_bpc:.4f})"
-        )
-    if summary.heldout_bpc is not None:
-        print(f"final heldout BPC {summary.heldout_bpc:.4f} (whole documents never trained on)")
-    print(f"run folder {cfg.run.dir}, wall time {time.perf_counter() - started:.0f} s")
+    print_closing(summary, cfg.run.dir, time.perf_counter() - started)

@@ -16,8 +16,10 @@ Rules (see also `leviathan compare --help` and the README):
   resolved config it was started with.
 * A run whose `compare.json` matches and whose `summary.json` shows the budget done is
   reused. One with a checkpoint but no finished summary (interrupted) resumes from its
-  latest checkpoint (a `minutes` run gets the time it has left). A folder that holds a
-  run of another config or budget is refused (`CompareError`) before anything runs.
+  latest checkpoint with its own config.yaml, as `train --resume` does (a `minutes` run
+  gets the time it has left). A folder that holds a run of another config or budget is
+  refused (`CompareError`) before anything runs. A config that gives no `data.inputs`
+  is recorded with the inputs of the dataset in `data.dir` (which it trains on as is).
 * A run that raises is recorded as failed, with its error; the others go on.
 """
 
@@ -30,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from leviathan.config import Config, load_config
+from leviathan.config import Config, differences, load_config
+from leviathan.data import recorded_inputs
 from leviathan.errors import LeviathanError
 from leviathan.train.checkpoint import latest_checkpoint
 
@@ -109,6 +112,7 @@ class RunSpec:
         for section, keys in MARKER_IGNORES.items():
             for key in keys:
                 config[section].pop(key)
+        config["data"]["inputs"] = recorded_inputs(self.cfg.data)  # not given: the dataset's
         return json.loads(json.dumps({"budget": str(budget), "config": config}))
 
 
@@ -135,7 +139,7 @@ def plan(
         )
     first_path, first = loaded[0]
     for path, cfg in loaded[1:]:
-        diffs = differences(first.to_dict()["data"], cfg.to_dict()["data"], "data")
+        diffs = described(first.to_dict()["data"], cfg.to_dict()["data"], "data")
         if diffs:
             raise CompareError(
                 f"{path} and {first_path} have different data sections ({'; '.join(diffs)}): "
@@ -157,15 +161,9 @@ def plan(
     return groups
 
 
-def differences(a: Any, b: Any, path: str) -> list[str]:
-    """Dotted keys whose values differ between two nested mappings."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            d
-            for k in {**a, **b}
-            for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-        ]
-    return [] if a == b else [f"{path}: {a!r} vs {b!r}"]
+def described(a: Any, b: Any, path: str) -> list[str]:
+    """`key: a's vs b's` for each dotted key whose values differ between two mappings."""
+    return [f"{key}: {x!r} vs {y!r}" for key, (x, y) in differences(a, b, path).items()]
 
 
 def run_state(spec: RunSpec, budget: Budget) -> Literal["done", "resume", "new"]:
@@ -186,7 +184,7 @@ def run_state(spec: RunSpec, budget: Budget) -> Literal["done", "resume", "new"]
         what = (
             f"budget {recorded.get('budget')}, not {budget}"
             if recorded.get("budget") != expected["budget"]
-            else "; ".join(differences(recorded.get("config"), expected["config"], "")[:3])
+            else "; ".join(described(recorded.get("config"), expected["config"], "")[:3])
         )
         raise CompareError(
             f"{folder} holds a run of another config or budget ({what}); delete it to rerun, "

@@ -1,10 +1,12 @@
 """The comparison's outputs: results.md (tables), results.json (everything), and the
 val-BPC plots against steps and against training time (one line per config: the mean
-over seeds, with a min-max band)."""
+over seeds of the periodic estimates, with a min-max band, ending in a star at the exact
+final val BPC)."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from leviathan.compare.results import paired_differences
 
 if TYPE_CHECKING:
-    from leviathan.compare.results import Comparison, ConfigResult, Split
+    from leviathan.compare.results import Comparison, ConfigResult, RunResult, Split
 
 PLOT_STEPS = "val_bpc_steps.png"
 PLOT_TIME = "val_bpc_time.png"
@@ -81,7 +83,7 @@ def markdown(c: Comparison) -> str:
         "",
         "| config | mixer | ffn | params | active | FLOPs/token | final val BPC "
         + ("| held-out BPC " if heldout else "")
-        + "| best val BPC | tokens/s | runs ok |",
+        + "| best periodic val BPC (estimate) | tokens/s | runs ok |",
         "|---|---|---|---:|---:|---:|---:|" + ("---:|" if heldout else "") + "---:|---:|---:|",
     ]
     for r in c.configs:
@@ -94,7 +96,7 @@ def markdown(c: Comparison) -> str:
             f"| {fmt_count(size.flops_per_token if size else None)} "
             f"| {mean_text(r.final_bpc(), n_ok)} "
             + (f"| {mean_text(r.final_bpc('heldout'), n_ok)} " if heldout else "")
-            + f"| {fmt(r.best_bpc(), '.4f')} | {fmt(r.tokens_per_s(), ',.0f')} "
+            + f"| {fmt(r.best_periodic_bpc(), '.4f')} | {fmt(r.tokens_per_s(), ',.0f')} "
             f"| {n_ok}/{len(r.runs)} |"
         )
     lines += paired_table(c.configs, ("val", "heldout") if heldout else ("val",))
@@ -102,15 +104,18 @@ def markdown(c: Comparison) -> str:
         "",
         "Final val BPC: the whole validation split, exact, after the last step; mean ± "
         "sample standard deviation over the seeds that finished. Held-out BPC: the same on "
-        "the whole documents of `data.val_documents`, which training never saw. Best val "
-        "BPC: the lowest any seed reached at any evaluation (periodic evaluations score the "
-        "first `train.eval_tokens` val tokens, an estimate) or at the end. FLOPs/token: "
+        "the whole documents of `data.val_documents`, which training never saw. Best "
+        "periodic val BPC: the lowest any seed reached at a periodic evaluation, which scores "
+        "only the first `train.eval_tokens` val tokens: an estimate, comparable between "
+        "configs but not with final val BPC (the plots draw the same estimates, and the exact "
+        "final value as a star). FLOPs/token: "
         "active forward FLOPs at `train.seq_len` (training is about 3x). tokens/s: median "
         "training throughput over the steps of a run, mean over seeds.",
         "",
         "## Runs",
         "",
-        "| run | seed | status | steps | final val BPC | best val BPC | tokens/s | train s "
+        "| run | seed | status | steps | final val BPC | best periodic val BPC (estimate) "
+        "| tokens/s | train s "
         "| error |",
         "|---|---:|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -118,7 +123,7 @@ def markdown(c: Comparison) -> str:
         for run in r.runs:
             lines.append(
                 f"| {cell(run.name)} | {run.seed} | {run.status} | {fmt(run.steps, 'd')} "
-                f"| {fmt(run.final_val_bpc, '.4f')} | {fmt(run.best_val_bpc, '.4f')} "
+                f"| {fmt(run.final_val_bpc, '.4f')} | {fmt(run.best_periodic_val_bpc, '.4f')} "
                 f"| {fmt(run.tokens_per_s, ',.0f')} | {fmt(run.train_s, '.1f')} "
                 f"| {cell(run.error or '')} |"
             )
@@ -181,7 +186,18 @@ def band(runs, x_key: str) -> tuple[list[float], list[float], list[float], list[
     return xs, mean, low, high
 
 
+def final_point(runs: list[RunResult], x_key: str) -> tuple[float, float] | None:
+    """The exact final val BPC, mean over the seeds, at their mean last step or time."""
+    done = [r for r in runs if r.final_val_bpc is not None and r.train_s is not None]
+    if not done:
+        return None
+    xs = [r.steps if x_key == "step" else r.train_s for r in done]
+    return statistics.fmean(xs), statistics.fmean(r.final_val_bpc for r in done)
+
+
 def plot_bpc(configs: list[ConfigResult], x_key: str, path: Path) -> None:
+    """Periodic val BPC (estimates) as lines and bands; the exact final value as a star,
+    so the plot's end and the table's final val BPC are told apart."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, config in enumerate(configs):
         xs, mean, low, high = band(config.ok, x_key)
@@ -190,8 +206,16 @@ def plot_bpc(configs: list[ConfigResult], x_key: str, path: Path) -> None:
         color = f"C{i % 10}"
         ax.plot(xs, mean, "o-", ms=3, color=color, label=f"{config.label} ({len(config.ok)})")
         ax.fill_between(xs, low, high, color=color, alpha=0.2, lw=0)
+        final = final_point(config.ok, x_key)
+        if final is not None:
+            ax.plot(*final, "*", ms=13, color=color, mec="black", mew=0.6)
     xlabel = "step" if x_key == "step" else "training time (s)"
-    ax.set(xlabel=xlabel, ylabel="val bits per character", title=f"val BPC against {xlabel}")
+    ax.set(
+        xlabel=xlabel,
+        ylabel="val bits per character",
+        title=f"val BPC against {xlabel}\nlines: periodic estimates (first train.eval_tokens "
+        "val tokens); stars: exact final",
+    )
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(title="config (seeds); band: min-max")

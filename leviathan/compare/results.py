@@ -30,7 +30,10 @@ class RunResult:
     final_val_bpc: float | None = None
     final_val_loss: float | None = None
     final_heldout_bpc: float | None = None  # the held-out documents (data.val_documents)
-    best_val_bpc: float | None = None
+    # the lowest periodic val BPC: an estimate on the first train.eval_tokens val tokens
+    # (periodic evaluations score a prefix), comparable across runs but not with the exact
+    # final_val_bpc, so never mixed with it
+    best_periodic_val_bpc: float | None = None
     tokens_per_s: float | None = None  # median training throughput over the steps
     train_s: float | None = None  # training time (all sessions, periodic evals included)
     curve: list[dict[str, float]] = field(default_factory=list)  # step, time_s, val_bpc
@@ -57,8 +60,9 @@ class ConfigResult:
         """Final BPC on `split` of each seed that finished."""
         return {r.seed: v for r in self.ok if (v := final_of(r, split)) is not None}
 
-    def best_bpc(self) -> float | None:
-        values = [r.best_val_bpc for r in self.ok if r.best_val_bpc is not None]
+    def best_periodic_bpc(self) -> float | None:
+        """The lowest periodic val BPC (an estimate) of any finished seed."""
+        values = [r.best_periodic_val_bpc for r in self.ok if r.best_periodic_val_bpc is not None]
         return min(values) if values else None
 
     def tokens_per_s(self) -> float | None:
@@ -79,7 +83,7 @@ class ConfigResult:
             "final_val_bpc_std": final[1] if final else None,
             "final_heldout_bpc_mean": heldout[0] if heldout else None,
             "final_heldout_bpc_std": heldout[1] if heldout else None,
-            "best_val_bpc": self.best_bpc(),
+            "best_periodic_val_bpc": self.best_periodic_bpc(),
             "tokens_per_s": self.tokens_per_s(),
             "runs_ok": len(self.ok),
             "runs": [asdict(r) for r in self.runs],
@@ -203,8 +207,5 @@ def collect(spec: RunSpec, status: str, error: str | None = None) -> RunResult:
         result.final_val_bpc = summary["val_bpc"]
         result.final_val_loss = summary["val_loss"]
         result.final_heldout_bpc = summary.get("heldout_bpc")  # absent before val_documents
-    bests = [p["val_bpc"] for p in curve] + (
-        [result.final_val_bpc] if result.final_val_bpc is not None else []
-    )
-    result.best_val_bpc = min(bests) if bests else None
+    result.best_periodic_val_bpc = min((p["val_bpc"] for p in curve), default=None)
     return result

@@ -11,7 +11,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from leviathan.compare.plan import MARKER, Budget, RunSpec, parse_budget, plan, run_state
+from leviathan.compare.plan import (
+    MARKER,
+    MARKER_IGNORES,
+    Budget,
+    RunSpec,
+    parse_budget,
+    plan,
+    run_state,
+)
 from leviathan.compare.results import (
     Comparison,
     ConfigResult,
@@ -20,6 +28,7 @@ from leviathan.compare.results import (
     cumulative_times,
     read_records,
 )
+from leviathan.config import Config, resume_config
 from leviathan.data import prepare
 from leviathan.data.shards import HELDOUT
 from leviathan.errors import Interrupted
@@ -64,6 +73,7 @@ def execute(
                 used = cumulative_times([r for r in read_records(spec.dir) if r["step"] <= step])
                 left = budget.seconds - (used[-1] if used else 0.0)
             log(f"{spec.name}: resuming from step {step}")
+            cfg = resumed_config(spec)
             if left is not None and left <= 0:
                 train(cfg, resume=True, stop_at=step, log=log)  # time was up: just finish
             else:
@@ -81,6 +91,18 @@ def execute(
         log(f"{spec.name}: FAILED: {message}")
         return collect(spec, "failed", message)
     return collect(spec, "resumed" if state == "resume" else "trained")
+
+
+def resumed_config(spec: RunSpec) -> Config:
+    """An interrupted run's own config.yaml, as `leviathan train --resume` reads it
+    (`resume_config`), with this comparison's values of the keys a rerun may change
+    (MARKER_IGNORES: where the run logs, its threads); compare.json vouches for the rest."""
+    overrides = [
+        f"{section}.{key}={json.dumps(getattr(getattr(spec.cfg, section), key))}"
+        for section, keys in MARKER_IGNORES.items()
+        for key in keys
+    ]
+    return resume_config(spec.dir, overrides)
 
 
 def compare(

@@ -7,6 +7,7 @@ See docs/design.md, Data. `prepare(cfg.data)` builds (or reuses) a dataset folde
 
 from leviathan.data.bundled import bundled_documents
 from leviathan.data.documents import Document, iter_documents, read_documents, split_point
+from leviathan.data.folder import recorded_inputs
 from leviathan.data.prepare import prepare
 from leviathan.data.sampler import eval_windows, get_batch, global_batch_starts
 from leviathan.data.scan import split_documents
@@ -27,6 +28,7 @@ __all__ = [
     "load_tokens",
     "prepare",
     "read_documents",
+    "recorded_inputs",
     "split_documents",
     "split_point",
     "token_dtype",

@@ -2,8 +2,8 @@
 folder next to it and renamed into place only when complete, so a failure leaves any
 previous dataset untouched. A dataset whose fingerprint matches is reused as is, a
 different one is replaced, but never a folder holding other files, nor (unless asked) one
-prepared from other inputs. Concurrent `prepare` calls (one per rank) are serialised by a
-lock file.
+prepared from other inputs. With data.inputs not given, the dataset there is taken as it
+is (`as_it_is`). Concurrent `prepare` calls (one per rank) are serialised by a lock file.
 """
 
 from __future__ import annotations
@@ -14,10 +14,14 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+from leviathan.config import DataConfig, differences
 from leviathan.data.shards import DataIndex, is_dataset_file, load_index
 from leviathan.errors import DataError
 from leviathan.storage import fsync_dir
+
+NOT_SETTINGS = ("format", "tokenizer.trainer")  # recorded beside the settings, not chosen
 
 
 @contextlib.contextmanager
@@ -68,6 +72,41 @@ def reusable(
     return None
 
 
+def as_it_is(
+    target: Path, settings: dict[str, Any], rebuild: bool, log: Callable[[str], None]
+) -> DataIndex | None:
+    """With data.inputs not given: the dataset in `target` as it was prepared (its index
+    records its inputs and settings; nothing is read again), or None when there is none
+    (no folder, or an empty one: the bundled corpus is prepared there)."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return None
+    with lock(target, log):
+        try:
+            index = load_index(target)
+        except DataError as err:
+            raise DataError(
+                f"{err} with data.inputs naming its corpus (data.inputs=[] for the bundled one)"
+            ) from None
+    if rebuild:
+        raise DataError(
+            f"--rebuild: data.inputs is not given, so nothing would replace the dataset in "
+            f"data.dir {target}; give data.inputs (data.inputs=[] for the bundled corpus)"
+        )
+    differ = [
+        f"data.{key}: {old!r}, not {new!r}"
+        for key, (old, new) in differences(index.meta.get("config", {}), settings).items()
+        if old is not None and new is not None and key not in NOT_SETTINGS
+    ]
+    note = (
+        f"; its settings are not the config's ({'; '.join(differ)}), which would apply to a "
+        "new dataset: give data.inputs to prepare it again"
+        if differ
+        else ""
+    )
+    log(f"using the dataset in {target} as prepared from {source_of(index)}{note}")
+    return index
+
+
 @contextlib.contextmanager
 def staging(target: Path) -> Iterator[Path]:
     """A new hidden folder next to `target` to build in: it replaces `target` when the
@@ -99,12 +138,30 @@ def _check_same_inputs(existing: DataIndex, inputs: list[str], source: str, rebu
     built_from = existing.meta.get("config", {}).get("inputs")
     if rebuild or built_from == inputs:
         return
-    before = existing.meta.get("corpus", {}).get("source") or ", ".join(built_from or [])
     raise DataError(
-        f"data.dir {existing.dir} holds a dataset prepared from {before}, but data.inputs "
-        f"asks for {source}: pass --rebuild to replace it, or choose another data.dir"
-        + ("" if inputs else " (or set data.inputs to its inputs)")
+        f"data.dir {existing.dir} holds a dataset prepared from {source_of(existing)}, but "
+        f"data.inputs asks for {source}: pass --rebuild to replace it, or choose another "
+        "data.dir (or leave data.inputs out to train on it as it is)"
     )
+
+
+def recorded_inputs(cfg: DataConfig) -> list[str]:
+    """The inputs `cfg` stands for: data.inputs when given, else those the dataset in
+    data.dir records (`prepare` takes it as it is), else [] (the bundled corpus, which
+    `prepare` puts there)."""
+    if cfg.inputs is not None:
+        return list(cfg.inputs)
+    try:
+        index = load_index(os.path.abspath(os.path.expanduser(cfg.dir)))
+    except DataError:
+        return []
+    return list(index.meta.get("config", {}).get("inputs") or [])
+
+
+def source_of(index: DataIndex) -> str:
+    """What the dataset was prepared from, as its index records it."""
+    built_from = index.meta.get("config", {}).get("inputs")
+    return index.meta.get("corpus", {}).get("source") or ", ".join(built_from or [])
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:

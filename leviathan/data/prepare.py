@@ -9,6 +9,7 @@ reused when its fingerprint matches (folder.py).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from leviathan.data.encode import (
     plan_splits,
     worker_pool,
 )
-from leviathan.data.folder import lock, reusable, staging
+from leviathan.data.folder import as_it_is, lock, reusable, staging
 from leviathan.data.raydata import encode_files
 from leviathan.data.scan import Scan, corpus_sources, describe_inputs, scan
 from leviathan.data.settings import data_config, dataset_settings, read_model
@@ -57,15 +58,23 @@ def prepare(
 ) -> DataIndex:
     """Build (or reuse) the dataset `cfg` describes in `cfg.dir`.
 
+    With `cfg.inputs` None (not given) the dataset in `cfg.dir` is taken as it is, without
+    reading its corpus again; the bundled corpus is prepared there when it holds none.
     A dataset there prepared from other inputs is replaced only with `rebuild`.
     `ray_address` encodes on a Ray cluster (`"auto"`: the one this machine belongs to)
     with Ray Data; `check_all` checks the round trip of every document, not a sample."""
     started = time.perf_counter()
     cfg = data_config(cfg)
     target = Path(os.path.abspath(os.path.expanduser(cfg.dir)))
-    source = describe_inputs(cfg.inputs)
     model = read_model(cfg.tokenizer)
     settings = dataset_settings(cfg, model)
+    if cfg.inputs is None:  # not given: the dataset there as it is, else the bundled corpus
+        existing = as_it_is(target, settings, rebuild, log)
+        if existing is not None:
+            return existing
+        log(f"no dataset in {target}: preparing the bundled corpus there (data.inputs not given)")
+        cfg = dataclasses.replace(cfg, inputs=[])
+    source = describe_inputs(cfg.inputs)
     sample_chars = 0 if model else cfg.tokenizer.sample_chars
     sources = corpus_sources(cfg.inputs, cfg.text_field)
     corpus = scan(sources, settings, cfg.val_fraction, sample_chars, source, cfg.val_documents)

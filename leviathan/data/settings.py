@@ -25,7 +25,7 @@ def data_config(cfg: Any) -> DataConfig:
 
     tok = cfg.tokenizer
     typed = DataConfig(
-        inputs=as_inputs(cfg.inputs or []),
+        inputs=None if cfg.inputs is None else as_inputs(cfg.inputs),  # None: not given
         dir=cfg.dir,
         val_fraction=float(cfg.val_fraction),
         val_documents=get(cfg, "val_documents", default),

@@ -40,6 +40,7 @@ SPLITS = ("train", "val")
 HELDOUT = "heldout"  # the whole documents of data.val_documents, when there are any
 SPLIT_KEYS = ("tokens", "characters", "bytes", "documents")
 SHARD_NAME = re.compile(r"(train|val|heldout)(-\d{5})?\.bin")
+PROMPT_CHARS = 40  # the default sample prompt's length at most (`opening_line`)
 
 
 def is_dataset_file(name: str) -> bool:
@@ -243,6 +244,18 @@ def map_tokens(index: DataIndex, split: str) -> TokenStream:
         if s["tokens"]  # an empty file cannot be mapped
     ]
     return TokenStream(parts, dtype)
+
+
+def opening_line(index: DataIndex, max_chars: int = PROMPT_CHARS) -> str:
+    """The first line of the dataset's first validation document (training document when
+    there is no validation split), at most `max_chars` characters: the default sample
+    prompt, text of the corpus's own kind (code for code, verse for verse)."""
+    split = "val" if index.splits["val"]["tokens"] > 1 else "train"
+    head = map_tokens(index, split)[1 : 1 + 4 * max_chars]  # after the leading separator
+    ends = np.flatnonzero(head == index.eos_id)
+    text = index.tokenizer().decode(head[: ends[0]] if len(ends) else head)
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line[:max_chars] or "\n"
 
 
 def record_dataset(run_dir: Path, index: DataIndex) -> None:

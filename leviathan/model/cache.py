@@ -4,8 +4,9 @@ A generated token needs only its own query against every earlier key, so the key
 values of the context are kept, exactly as the attention kernel sees them: `dot` keeps k,
 `channel_xcorr` the circulant keys C k, `token_xcorr` the filtered keys K~. Filtering the
 new position's q and k needs the raw q and k of the W-1 positions before it, so
-`token_xcorr` also keeps those (`history`). A step then costs O(T) at context length T
-instead of a forward over the whole context, O(T^2).
+`token_xcorr` also keeps those (`history`); `involution` keeps only its last K-1 values.
+A step then costs O(T) at context length T instead of a forward over the whole context,
+O(T^2).
 """
 
 from __future__ import annotations
@@ -30,17 +31,22 @@ class LayerCache:
 
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store the keys and values (B, H, T, .) of the next T positions; return all so far."""
-        end = self.length + k.shape[2]
-        if end > self.capacity:
-            raise ValueError(f"cache holds {self.capacity} positions, {end} asked for")
+        start, end = self.length, self.advance(k.shape[2])
         if self.keys is None:
             B, H = k.shape[:2]
             self.keys = k.new_empty(B, H, self.capacity, k.shape[3])
             self.values = v.new_empty(B, H, self.capacity, v.shape[3])
-        self.keys[:, :, self.length : end] = k
-        self.values[:, :, self.length : end] = v
-        self.length = end
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def advance(self, n: int) -> int:
+        """Count n more positions (a kind that keeps only `history`, involution); the end."""
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"cache holds {self.capacity} positions, {end} asked for")
+        self.length = end
+        return end
 
     def history(self, name: str, x: Tensor, keep: int) -> Tensor | None:
         """The last `keep` rows of signal `name` before x (B, H, T, d), fewer near the start

@@ -148,14 +148,14 @@ def channel_xcorr_scores(q: Tensor, k: Tensor, alpha: Tensor) -> Tensor:
     return s * q.shape[-1] ** -0.5
 
 
-def causal_softmax_attend(scores: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """Mask j > i with -inf, softmax over j, optional dropout on P, then P @ v."""
+def causal_softmax_attend(scores: Tensor, v: Tensor | None, dropout_p: float = 0.0) -> Tensor:
+    """Mask j > i with -inf, softmax over j, optional dropout on P, then P @ v (v None: P)."""
     T = scores.shape[-1]
     future = torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1)
     p = torch.softmax(scores.masked_fill(future, float("-inf")), dim=-1)
     if dropout_p > 0.0:
         p = F.dropout(p, p=dropout_p)
-    return p @ v
+    return p if v is None else p @ v
 
 
 # --- attention ----------------------------------------------------------------------

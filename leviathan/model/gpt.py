@@ -17,20 +17,24 @@ The uncached loop stays, as the oracle and for what the cache cannot serve.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leviathan.errors import CheckpointError
 from leviathan.model.cache import KVCache, LayerCache
+from leviathan.model.config import ModelConfig
 from leviathan.model.ffn import FFN, FFNS, layer_ffn_options
 from leviathan.model.mixers import MIXERS
 
 if TYPE_CHECKING:
-    from leviathan.model.config import ModelConfig
+    from collections.abc import Mapping
 
 Gather = Callable[[list[nn.Parameter]], contextlib.AbstractContextManager]
 
@@ -49,10 +53,11 @@ class Block(nn.Module):
         super().__init__()
         ffn = layer_ffn_options(cfg.ffn, layer)
         self.norm1 = make_norm(cfg)
-        self.mixer = MIXERS[cfg.mixer.kind](
+        mixer = MIXERS[cfg.mixer.kind]
+        self.mixer = mixer(
             cfg.d_model,
             cfg.n_head,
-            cfg.mixer,
+            mixer.for_layer(cfg.mixer, layer),
             dropout=cfg.dropout,
             bias=cfg.bias,
             rope=cfg.positions == "rope",
@@ -85,6 +90,20 @@ class Leviathan(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.head.weight = self.tok_emb.weight  # tied input and output embeddings
         init_parameters(self)
+
+    @classmethod
+    def from_export(cls, path: str | os.PathLike) -> Leviathan:
+        """The model of a `leviathan export` file (model.safetensors), in eval mode: every
+        weight loaded strictly, the tied head restored from the token embedding."""
+        state, config, _ = read_export(path)
+        try:
+            model = cls(model_config(config["model"]))
+            model.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(
+                f"{path}: not this version's model: {' '.join(str(err).split())}"
+            ) from None
+        return model.eval()
 
     def forward(
         self,
@@ -233,6 +252,31 @@ class Leviathan(nn.Module):
             nxt = next_token(logits[:, -1, :], temperature, top_k, generator)
             idx = torch.cat([idx, nxt], dim=1)
         return idx
+
+
+def model_config(raw: Mapping[str, Any]) -> ModelConfig:
+    """The `ModelConfig` of a config's `model:` mapping as a run's config.json holds it (the
+    mixer and FFN options by their `kind`); the older `ffn.ep_size` is a layout, dropped."""
+    mixer = dict(raw["mixer"])
+    ffn = {k: v for k, v in raw["ffn"].items() if k != "ep_size"}
+    mixer_options = MIXERS[mixer["kind"]].Options(**mixer)
+    ffn_options = FFNS[ffn["kind"]].Options(**ffn)
+    return ModelConfig(**{**raw, "mixer": mixer_options, "ffn": ffn_options})
+
+
+def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """(state dict with the tied head restored, config dict, step) of an exported file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+        config, step = json.loads(metadata["config"]), int(metadata["step"])
+    except (OSError, SafetensorError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable Leviathan export ({err!r})") from err
+    state["head.weight"] = state["tok_emb.weight"]
+    return state, config, step
 
 
 def next_token(

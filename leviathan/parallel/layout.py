@@ -38,7 +38,7 @@ def lay_out(cfg: Config, model_cfg: ModelConfig, world: World) -> LaidOut:
     """Build the model of `model_cfg` for this rank of `world`, in the order above."""
     t = cfg.train
     if world.engine == "deepspeed" and cfg.parallel.zero_stage == 3:
-        model = build_partitioned(cfg, model_cfg, on_gpu=world.device.type == "cuda")
+        model = build_partitioned(cfg, model_cfg, world.device)
     else:
         model = Leviathan(model_cfg)
     shard_experts(model, world, cfg.parallel.ep_size)

@@ -48,6 +48,7 @@ class Engine(Protocol):
     rank: int
     world_size: int
     zero_stage: int | None  # how the optimizer state is sharded (None: not at all)
+    device: torch.device  # where it trains (whose generator the checkpoint keeps)
 
     def __init__(self, model: TrainableModel, cfg: Config, world: World) -> None: ...
 

@@ -64,11 +64,14 @@ class TorchEngine:
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
+        """The optimizer state is read onto the CPU: `load_state_dict` moves the moments to
+        their parameters' device itself and keeps AdamW's `step` on the CPU, where its
+        non-fused, non-capturable kernels expect it."""
         self.model.load_state_dict(
             torch.load(directory / "model.pt", map_location=self.device, weights_only=True)
         )
         self.optimizer.load_state_dict(
-            torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+            torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         )
 
     @staticmethod

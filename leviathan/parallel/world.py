@@ -101,9 +101,8 @@ def init_world(cfg: Config) -> World:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     check_parallel(cfg, engine, world_size)
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = cuda_device(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     ep_group = None
@@ -114,6 +113,17 @@ def init_world(cfg: Config) -> World:
         groups._create_expert_and_data_parallel(ep)
         ep_group = groups._get_expert_parallel_group(f"ep_size_{ep}")
     return World("deepspeed", rank, world_size, device, ep_group)
+
+
+def cuda_device(local_rank: int, visible: int) -> torch.device:
+    """This rank's GPU, refused when the local rank is past the GPUs it sees (ranks
+    sharing a GPU: NCCL would fail later, and less clearly)."""
+    if not 0 <= local_rank < visible:
+        raise ConfigError(
+            f"LOCAL_RANK {local_rank}: this process sees {visible} GPU(s); give each rank "
+            "a GPU of its own (launch/train_moe.py: --gpus-per-worker 0 or at least 1)"
+        )
+    return torch.device("cuda", local_rank)
 
 
 def leave_world(wait: bool = True) -> None:

@@ -41,7 +41,7 @@ class TrainingState:
         """Everything a resume needs: engine state, the loop's step, every rank's RNG, config."""
         engine = self.engine
         engine.save(directory)
-        torch.save(rng_state(), directory / f"rng_rank{engine.rank}.pt")
+        torch.save(rng_state(engine.device), directory / f"rng_rank{engine.rank}.pt")
         if engine.rank == 0:
             torch.save({"step": step, "world_size": engine.world_size}, directory / TRAINER_FILE)
             (directory / CONFIG_FILE).write_text(
@@ -67,7 +67,7 @@ class TrainingState:
         state = torch.load(directory / TRAINER_FILE, weights_only=True)
         rng = directory / f"rng_rank{engine.rank}.pt"
         if state["world_size"] == engine.world_size and rng.is_file():
-            set_rng_state(torch.load(rng, weights_only=True))
+            set_rng_state(torch.load(rng, weights_only=True), engine.device)
         else:
             torch.manual_seed(hash((self.cfg.train.seed, state["step"], engine.rank)) % 2**63)
         log(
@@ -93,18 +93,20 @@ def resume_source(
     return source
 
 
-def rng_state() -> dict[str, torch.Tensor]:
-    """The CPU generator, and this rank's GPU one (dropout on GPU draws from it)."""
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The CPU generator, and that of `device` (the training device, whose dropout draws
+    from it: not necessarily the current CUDA device) when it is a GPU."""
     state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Put back what `rng_state(device)` saved, the GPU part into `device`'s generator."""
     torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def check_same_model(saved: dict, cfg: Config, directory: Path) -> None:

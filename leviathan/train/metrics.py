@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from leviathan.errors import StorageError
+from leviathan.errors import ConfigError, StorageError
 from leviathan.storage import atomic_write_text, read_records
 
 
@@ -38,46 +37,129 @@ class MetricsLog:
         self.file.close()
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """`auto` is online when an API key is configured, offline otherwise."""
+def resolve_wandb_mode(mode: str) -> tuple[str, str]:
+    """The mode W&B starts in, and why (a line for the log). `run.wandb` other than `auto`
+    is used as given. `auto` resolves as W&B itself does, so a user's `wandb login`,
+    `wandb offline` or WANDB_MODE means here what it means to W&B: W&B's own mode when it
+    says disabled or offline (WANDB_MODE, or a settings file), else online when W&B finds
+    credentials for its server (WANDB_API_KEY, a settings file, the ~/.netrc entry `wandb
+    login` writes), else offline."""
     if mode != "auto":
-        return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        return mode, f"run.wandb={mode}"
+    settings = wandb_settings()
+    if settings.mode == "disabled":
+        return "disabled", "W&B's mode is disabled (WANDB_MODE or `wandb disabled`)"
+    if settings.mode in ("offline", "dryrun"):
+        return "offline", "W&B's mode is offline (WANDB_MODE or `wandb offline`)"
+    if wandb_credentials(settings):
+        return "online", f"W&B has credentials for {settings.base_url}"
+    return "offline", (
+        f"W&B has no credentials for {settings.base_url} (`wandb login` or WANDB_API_KEY); "
+        "`wandb sync` uploads the offline run later"
+    )
+
+
+def wandb_settings() -> Any:
+    """W&B's settings for this process, loaded by W&B from its environment variables and
+    settings files; a value W&B rejects is a ConfigError naming its variable."""
+    from pydantic import ValidationError
+    from wandb.sdk import wandb_setup
+
+    try:
+        return wandb_setup.singleton().settings
+    except ValidationError as err:
+        problem = err.errors()[0]
+        key = ".".join(str(part) for part in problem["loc"])
+        raise ConfigError(
+            f"W&B settings: WANDB_{key.upper()} (or {key} in a W&B settings file): "
+            f"{problem['msg']}, got {problem['input']!r}"
+        ) from None
+
+
+def wandb_credentials(settings: Any) -> bool:
+    """Whether W&B finds credentials for its server, looked up by W&B's own function (the
+    one `wandb.login` and `wandb.init` call): no prompt, no network, nothing written."""
+    import wandb
+    from wandb.errors import AuthenticationError
+
+    try:
+        from wandb.sdk.lib import wbauth
+    except ImportError:
+        raise ConfigError(
+            f"run.wandb=auto: wandb {wandb.__version__} has no wandb.sdk.lib.wbauth to look "
+            "up credentials with; upgrade wandb, or set run.wandb to online or offline"
+        ) from None
+    try:
+        host = wbauth.HostUrl(settings.base_url, app_url=settings.app_url)
+        auth = wbauth.authenticate_session(
+            host=host, source="leviathan", prompt=False, update_session=False
+        )
+    except (AuthenticationError, ValueError) as err:
+        raise ConfigError(
+            f"run.wandb=auto: W&B's credentials for {settings.base_url} (WANDB_API_KEY, "
+            f"~/.netrc or a W&B settings file): {err}"
+        ) from None
+    return auth is not None
 
 
 class WandbRun:
-    """A W&B run resumed across restarts by an id kept in the run folder."""
+    """A W&B run resumed across restarts by an id kept in the run folder; `log` says which
+    mode it runs in and why."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, config: dict[str, Any]):
-        self.mode = resolve_wandb_mode(mode)
+    def __init__(
+        self,
+        run_dir: Path,
+        mode: str,
+        project: str,
+        config: dict[str, Any],
+        log: Callable[[str], None] = print,
+    ):
+        self.mode, why = resolve_wandb_mode(mode)
         self.run = None
+        if mode != "disabled":  # asked for by name: nothing to explain
+            log(f"W&B: {self.mode} ({why})")
         if self.mode == "disabled":
             return
         import wandb
 
+        wandb_settings()  # a bad WANDB_* variable: one line, not wandb.init's traceback
         id_file = run_dir / "wandb_id"
         if not id_file.exists():
             id_file.write_text(secrets.token_hex(4), encoding="utf-8")
-        self.run = wandb.init(
-            project=project,
-            dir=run_dir,
-            id=id_file.read_text(encoding="utf-8").strip(),
-            resume="allow",
-            mode=self.mode,
-            config=config,
-            name=run_dir.name,
-        )
+        try:
+            self.run = wandb.init(
+                project=project,
+                dir=run_dir,
+                id=id_file.read_text(encoding="utf-8").strip(),
+                resume="allow",
+                mode=self.mode,
+                config=config,
+                name=run_dir.name,
+            )
+        except wandb.errors.Error as err:  # no API key for online, a server that refuses
+            raise ConfigError(
+                f"run.wandb={mode}: W&B cannot start its {self.mode} run: {err}"
+            ) from None
 
     def log(self, record: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.log(scalars(record), step=record["step"])
 
-    def log_image(self, key: str, path: Path, step: int) -> None:
-        """A PNG (the expert-load heatmap) as a W&B image at `step`."""
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        """PNGs (the curves, the expert-load figures) as W&B images at `step`."""
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Image(str(path))}, step=step)
+            self.run.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
+    def log_sample(self, step: int, text: str) -> None:
+        """The run's sample (its prompt included) as text: a W&B table of one row, the way
+        W&B shows text."""
+        if self.run is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "sample"], data=[[step, text]])
+            self.run.log({"sample": table}, step=step)
 
     def finish(self) -> None:
         if self.run is not None:

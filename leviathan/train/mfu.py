@@ -6,7 +6,8 @@ plus attention). Achieved FLOP/s = 3 * forward FLOPs/token * tokens/s, where tok
 the global throughput (all ranks); MFU divides it by the summed peak of the devices.
 
 Peaks are dense (no 2:4 sparsity) tensor-core figures from NVIDIA's data sheets, per
-precision: `bf16` for bf16 autocast, `fp32` for plain fp32 matmuls (torch's default keeps
+precision: `bf16` for bf16 autocast, `fp16` for DeepSpeed's fp16 (the same dense tensor-core
+rate as bf16 on these parts), `fp32` for plain fp32 matmuls (torch's default keeps
 TF32 off, so fp32 runs at the non-tensor-core rate). `train.peak_flops` (per device, in
 FLOP/s) overrides the table, for a device it does not know or a clock it gets wrong.
 """
@@ -20,12 +21,12 @@ import torch
 # (substring of torch.cuda.get_device_name(), {precision: peak FLOP/s per device}).
 # The first match wins, so the more specific names come first ("H100 PCIe" before "H100").
 PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 NVL", {"bf16": 835e12, "fp32": 60e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp32": 67e12}),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
-    ("H200 NVL", {"bf16": 835e12, "fp32": 60e12}),
-    ("H200", {"bf16": 989e12, "fp32": 67e12}),  # SXM; also matches GH200
-    ("A100", {"bf16": 312e12, "fp32": 19.5e12}),  # SXM4 and PCIe alike
+    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM5 ("H100 80GB HBM3")
+    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM; also matches GH200
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),  # SXM4 and PCIe alike
 )
 
 TRAINING_FLOPS_FACTOR = 3  # forward + backward (about twice the forward)

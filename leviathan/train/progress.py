@@ -7,6 +7,11 @@ only when its stream (stderr) is a terminal; otherwise one plain line every
 
     step 50/800: loss 4.5123, 12,345 tok/s, 3.2 GFLOP/s, elapsed 0:01:02, ETA 0:15:30
 
+An MoE run's line (and bar) also shows how well it routes: the worst layer's imbalance
+(max / mean expert load; 1 is even) and the share of assignments dropped (capacity mode):
+
+    step 50/800: loss 4.5123, imbalance 1.42, dropped 0.3%, 12,345 tok/s, ...
+
 Messages during the loop (eval lines; Python warnings while the bar is drawn) go through
 the same reporter, so they never tear a bar frame. `train.progress` (auto, bar, lines)
 overrides the terminal test, e.g. for a test or a terminal multiplexer that logs.
@@ -39,15 +44,30 @@ def clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def routing(record: dict[str, Any]) -> tuple[float, float] | None:
+    """An MoE step's imbalance (the worst layer's max/mean load: the layer to worry about)
+    and dropped fraction (over all layers' assignments: each layer routes the same
+    tokens); None for a dense step."""
+    layers = record.get("moe")
+    if not layers:
+        return None
+    imbalance = max(stats["imbalance"] for stats in layers.values())
+    dropped = sum(stats["dropped_frac"] for stats in layers.values()) / len(layers)
+    return imbalance, dropped
+
+
 def step_line(record: dict[str, Any], total: int, eta_s: float | None) -> str:
-    """The plain line of one step's record (train loss, tokens/s, MFU or GFLOP/s)."""
+    """The plain line of one step's record (train loss, for MoE the routing, tokens/s,
+    MFU or GFLOP/s)."""
     rate = (
         f"MFU {100 * record['mfu']:.1f}%"
         if "mfu" in record
         else f"{record['flops_per_s'] / 1e9:.1f} GFLOP/s"
     )
+    moe = routing(record)
     parts = [
         f"loss {record['train_loss']:.4f}",
+        *([f"imbalance {moe[0]:.2f}", f"dropped {100 * moe[1]:.1f}%"] if moe else []),
         f"{record['tokens_per_s']:,.0f} tok/s",
         rate,
         f"elapsed {clock(record['elapsed_s'])}",
@@ -97,8 +117,10 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
+            moe = routing(record)
             self.bar.set_postfix(
                 loss=f"{record['train_loss']:.3f}",
+                **({"imb": f"{moe[0]:.2f}", "drop": f"{100 * moe[1]:.1f}%"} if moe else {}),
                 tok_s=f"{record['tokens_per_s']:.0f}",
                 **mfu.postfix(record),
             )

@@ -1,5 +1,5 @@
 """Where a step's record goes, behind one `log(record)`: metrics.jsonl (the record of
-truth), W&B, the progress display and the expert-load plot. Rank 0 only: on the other
+truth), W&B, the progress display and the expert-load figures. Rank 0 only: on the other
 ranks every call is a no-op, so the loop never asks which rank it is on."""
 
 from __future__ import annotations
@@ -12,19 +12,23 @@ from leviathan.config import Config
 from leviathan.storage import read_records
 from leviathan.train.checkpoint import quiet
 from leviathan.train.metrics import MetricsLog, WandbRun
-from leviathan.train.plots import plot_curves, plot_expert_load
+from leviathan.train.plots import balance_figure, curves_figure, expert_load_figure, save
 from leviathan.train.progress import Progress
 from leviathan.train.run_folder import METRICS_FILE
 
-EXPERT_LOAD_PNG = "expert_load.png"
+CURVES_PNG = "curves.png"
+MOE_FIGURES = {  # W&B key: (file in the run folder, the figure of the routing records)
+    "moe/expert_load": ("expert_load.png", expert_load_figure),
+    "moe/balance": ("moe_balance.png", balance_figure),
+}
 
 
 class ExpertLoad:
     """The routing records of an MoE run (those kept on resume, then each step's), drawn
-    as a heatmap at the end and, for W&B, at every evaluation."""
+    as the expert-load and balance figures at the end and, for W&B, at every evaluation."""
 
     def __init__(self, run_dir: Path, wandb: WandbRun):
-        self.path, self.wandb = run_dir / EXPERT_LOAD_PNG, wandb
+        self.run_dir, self.wandb = run_dir, wandb
         self.records = [r for r in read_records(run_dir / METRICS_FILE, quiet) if "moe" in r]
 
     def log(self, record: dict[str, Any]) -> None:
@@ -32,11 +36,15 @@ class ExpertLoad:
             return
         self.records.append(record)
         if "val_loss" in record and self.wandb.run is not None:
-            plot_expert_load(self.records, self.path)
-            self.wandb.log_image("moe/expert_load", self.path, record["step"])
+            self.wandb.log_images(record["step"], self.draw())
 
-    def finish(self) -> None:
-        plot_expert_load(self.records, self.path)
+    def draw(self) -> dict[str, Path]:
+        """Write the figures; their paths by W&B key."""
+        paths = {}
+        for key, (name, figure) in MOE_FIGURES.items():
+            paths[key] = self.run_dir / name
+            save(figure(self.records), paths[key])
+        return paths
 
 
 class Sinks:
@@ -65,8 +73,10 @@ class Sinks:
         if not enabled:
             return
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE, start_step, log)
-        config = cfg.to_dict() | parallel
-        self.wandb = WandbRun(self.run_dir, cfg.run.wandb, cfg.run.wandb_project, config)
+        config = cfg.to_dict() | {"layout": parallel}  # the config, and how it was laid out
+        self.wandb = WandbRun(
+            self.run_dir, cfg.run.wandb, cfg.run.wandb_project, config, self.progress.write
+        )
         self.expert_load = ExpertLoad(self.run_dir, self.wandb) if routed else None
 
     def log(self, record: dict[str, Any]) -> None:
@@ -90,16 +100,26 @@ class Sinks:
             self.metrics.close()
 
     def finish(
-        self, step: int, val_bpc: float | None, unigram: float | None, heldout: float | None
+        self,
+        step: int,
+        val_bpc: float | None,
+        unigram: float | None,
+        heldout: float | None,
+        sample: str,
     ) -> None:
-        """After the final evaluation: the plots, the final figures to W&B, W&B closed."""
+        """After the final evaluation: the plots, and to W&B the final scores, the figures
+        and the sample; W&B closed."""
         if not self.enabled:
             return
-        plot_curves(self.run_dir / METRICS_FILE, self.run_dir / "curves.png")
-        if self.expert_load is not None:
-            self.expert_load.finish()
+        records = read_records(self.run_dir / METRICS_FILE, quiet)
+        images = {"curves": self.run_dir / CURVES_PNG}
+        save(curves_figure(records), images["curves"])
+        if self.expert_load is not None and self.expert_load.records:
+            images |= self.expert_load.draw()
         if val_bpc is not None:
             self.wandb.log({"step": step, "final_val_bpc": val_bpc, "unigram_bpc": unigram})
         if heldout is not None:
             self.wandb.log({"step": step, "final_heldout_bpc": heldout})
+        self.wandb.log_images(step, images)
+        self.wandb.log_sample(step, sample)
         self.wandb.finish()

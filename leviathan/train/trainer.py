@@ -23,7 +23,7 @@ import torch
 
 from leviathan.config import Config, ModelConfig, save_config
 from leviathan.data import DataIndex, get_batch, load_tokens, prepare
-from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, record_dataset
+from leviathan.data.shards import HELDOUT, TOKENIZER_FILE, opening_line, record_dataset
 from leviathan.errors import CheckpointError, ConfigError, Interrupted, TrainingError
 from leviathan.parallel.engines import ENGINES
 from leviathan.parallel.host import configure_host
@@ -292,12 +292,11 @@ class Trainer:
         )
         # every rank samples: under ZeRO-3 each forward gathers parameters from all of them
         run = self.cfg.run
-        sample = sample_text(
-            self.model, index.tokenizer(), run.sample_prompt, run.sample_tokens, seed=t.seed
-        )
+        prompt = opening_line(index) if run.sample_prompt is None else run.sample_prompt
+        sample = sample_text(self.model, index.tokenizer(), prompt, run.sample_tokens, seed=t.seed)
         if self.main:
             (self.run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
-        sinks.finish(end, final and final.bpc, baseline, heldout and heldout.bpc)
+        sinks.finish(end, final and final.bpc, baseline, heldout and heldout.bpc, sample)
         tokens_per_step = t.micro_batch_size * t.grad_accum * self.engine.world_size * t.seq_len
         summary = TrainSummary(
             steps=end,

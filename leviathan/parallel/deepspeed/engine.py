@@ -78,7 +78,8 @@ class DeepSpeedEngine:
             self.ds.step()  # steps the optimizer only at the accumulation boundary
             sums[0] += loss.detach()  # summed on the device: no sync per micro-batch
             sums[1] += aux.detach()
-        self.model.after_optimizer_step()
+        if self.ds.was_step_applied():  # fp16 overflow: the step was skipped, so is the bias
+            self.model.after_optimizer_step()
         dist.all_reduce(sums)  # report the whole world's mean, as one rank would see it
         mean = sums / (len(micro_batches) * self.world_size)
         norm = self.ds.get_global_grad_norm()

@@ -3,7 +3,7 @@
 `model_state` asks the engine that wrote a checkpoint (a plain process, or N DeepSpeed
 ranks at some ZeRO stage) for its full fp32 state dict; `export_run` writes it with the
 run's config as `run_dir/model.safetensors`, which `leviathan sample` and `eval` load
-directly.
+directly, and `Leviathan.from_export` (the reader lives with the model) anywhere.
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from leviathan.errors import CheckpointError, StorageError
+from leviathan.model.gpt import read_export
 from leviathan.parallel.engines import written_by
 from leviathan.storage import atomic_write_bytes
 from leviathan.train.checkpoint import offer_previous, verify_checkpoint
+
+__all__ = ["EXPORT", "checked_state", "export_run", "model_state", "read_export"]
 
 EXPORT = "model.safetensors"
 TIED = ("head.weight",)  # the output head is the token embedding: stored once
@@ -53,18 +56,3 @@ def export_run(run_dir: Path, checkpoint: Path, out: Path | None = None) -> Path
     except OSError as err:
         raise StorageError(f"--out {out}: cannot write it: {err.strerror}") from None
     return out
-
-
-def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict, int]:
-    """(state dict with the tied head restored, config dict, step) of an exported file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
-        config, step = json.loads(metadata["config"]), int(metadata["step"])
-    except (OSError, SafetensorError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable Leviathan export ({err!r})") from err
-    state["head.weight"] = state["tok_emb.weight"]
-    return state, config, step
