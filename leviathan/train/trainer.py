@@ -129,6 +129,8 @@ class Trainer:
         self.model = laid.model
         self.engine = ENGINES[world.engine](self.model, cfg, world)
         self.state = TrainingState(self.engine, cfg)
+        t = cfg.train
+        self.global_batch = t.micro_batch_size * t.grad_accum * self.engine.world_size
         self.parallel = {
             "engine": world.engine,
             "world_size": world.world_size,
@@ -217,9 +219,14 @@ class Trainer:
         t, engine = self.cfg.train, self.engine
         tick = time.perf_counter()
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        global_batch = t.micro_batch_size * t.grad_accum * engine.world_size
         x, y = get_batch(
-            self.train_tokens, t.seq_len, global_batch, t.seed, step, engine.rank, engine.world_size
+            self.train_tokens,
+            t.seq_len,
+            self.global_batch,
+            t.seed,
+            step,
+            engine.rank,
+            engine.world_size,
         )
         micro = list(zip(x.split(t.micro_batch_size), y.split(t.micro_batch_size), strict=True))
         result = engine.train_step(micro, lr)
@@ -230,7 +237,7 @@ class Trainer:
             "train_loss": result.loss,
             "lr": lr,
             "grad_norm": result.grad_norm,
-            "tokens_per_s": global_batch * t.seq_len / (time.perf_counter() - tick),
+            "tokens_per_s": self.global_batch * t.seq_len / (time.perf_counter() - tick),
             "elapsed_s": time.perf_counter() - started,
         }
         record.update(
@@ -297,7 +304,7 @@ class Trainer:
         if self.main:
             (self.run_dir / "sample.txt").write_text(sample + "\n", encoding="utf-8")
         sinks.finish(end, final and final.bpc, baseline, heldout and heldout.bpc, sample)
-        tokens_per_step = t.micro_batch_size * t.grad_accum * self.engine.world_size * t.seq_len
+        tokens_per_step = self.global_batch * t.seq_len
         summary = TrainSummary(
             steps=end,
             params=self.n_params,
