@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step bench-trainer-overhead study study-v2 clean
+.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step bench-trainer-overhead study study-v2 study-v3 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -72,6 +72,23 @@ study-v2: $(STAMP)
 	    $(VENV)/bin/leviathan compare $(STUDY2) $$extra train.threads=$(STUDY2_THREADS) \
 	      --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v2/$$size || exit 1; \
 	  done; \
+	done
+
+# Study v3 (docs/results.md): involution (attention-free, no positions) and inv_xcorr
+# (generated token_xcorr filters, RoPE) at study v2's small size, data, budget and seeds,
+# against study v2's Transformer++, dconv and token_xcorr runs, reused through the links in
+# docs/study-v3/small/runs (not retrained); then the generated kernels of seed 0 (study
+# v2 kept no checkpoints, so no --against: docs/study-v2/small/inspect-xcorr has its kernels).
+STUDY3 := $(foreach c,study2-dot study2-dconv study2-xcorr study3-involution study3-inv-xcorr,configs/$(c).yaml)
+STUDY3_RUNS := docs/study-v3/small/runs
+study-v3: $(STAMP)
+	for seeds in 1 2 3; do \
+	  $(VENV)/bin/leviathan compare $(STUDY3) train.threads=$(STUDY2_THREADS) \
+	    --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v3/small || exit 1; \
+	done
+	for m in involution inv-xcorr; do \
+	  $(VENV)/bin/leviathan inspect --run $(STUDY3_RUNS)/study3-$$m-s0 \
+	    --out docs/study-v3/small/inspect-$$m || exit 1; \
 	done
 
 clean:

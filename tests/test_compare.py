@@ -157,6 +157,27 @@ def test_rerun_reuses_finished_runs(first):
     assert {c.label: c.final_bpc() for c in again.configs} == old
 
 
+def test_a_run_recorded_before_a_key_existed_is_still_reused(first):
+    """A marker written by an older version lacks the keys added since (study v2's runs
+    have no parallel.ep_size): they take their defaults, and the run is reused."""
+    out, paths, _ = first
+    marker = out / "runs" / "dot-s0" / "compare.json"
+    saved = marker.read_text()
+    recorded = json.loads(saved)
+    del recorded["config"]["parallel"]["ep_size"]
+    del recorded["config"]["train"]["compile"]
+    marker.write_text(json.dumps(recorded))
+    try:
+        again = compare(paths[1:2], seeds=1, budget="steps=3", out=out, **QUIET)
+        assert [r.status for r in again.configs[0].runs] == ["reused"]
+        recorded["config"]["train"]["lr"] *= 2  # a real difference is still refused
+        marker.write_text(json.dumps(recorded))
+        with pytest.raises(CompareError, match="train.lr"):
+            compare(paths[1:2], seeds=1, budget="steps=3", out=out, **QUIET)
+    finally:
+        marker.write_text(saved)
+
+
 def test_cli_exits_nonzero_when_a_run_failed(first):
     out, paths, _ = first
     done = subprocess.run(

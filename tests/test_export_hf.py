@@ -28,7 +28,8 @@ OPTIONS = {"token_xcorr": {"window_q": 3, "window_k": 2, "rank": 2}}  # off the 
 
 
 def mixer_cases() -> dict[str, dict]:
-    """Every registered mixer kind, with learned positions and, where it takes them, rope."""
+    """Every registered mixer kind, with learned positions and, where it takes them, rope
+    (no positions: one case below)."""
     cases = {}
     for kind, mixer in MIXERS.items():
         options = {"kind": kind} | OPTIONS.get(kind, {})
@@ -39,6 +40,7 @@ def mixer_cases() -> dict[str, dict]:
 
 
 CASES = mixer_cases() | {
+    "involution-none": {"mixer": {"kind": "involution"}, "positions": "none"},
     "moe-dropless": {"ffn": MOE, "norm": "rmsnorm"},
     "moe-swiglu-every-2": {"ffn": MOE | {"activation": "swiglu", "moe_every": 2}},
     "moe-capacity": {"ffn": MOE | {"capacity_factor": 1.0}},  # generates uncached

@@ -104,6 +104,14 @@ def test_rope_rmsnorm_cached_equals_uncached(mixer):
     assert_cached_equals_uncached(model, prompt, 2 * BLOCK, temperature=0, context_keep=9)
 
 
+@pytest.mark.parametrize("mixer", ["dot", "involution-3,5"])
+def test_no_positions_cached_equals_uncached(mixer):
+    model = model_of(mixer, positions="none")
+    assert model.pos_emb is None
+    prompt = torch.randint(0, VOCAB, (2, 4), generator=torch.Generator().manual_seed(6))
+    assert_cached_equals_uncached(model, prompt, 2 * BLOCK, temperature=0, context_keep=9)
+
+
 @pytest.mark.parametrize("keep", [1, 9, BLOCK // 2, BLOCK - 1])
 @pytest.mark.parametrize("mixer", ["dot", "token_xcorr-3x2-r2", "channel_xcorr-2"])
 def test_cut_context_cached_equals_uncached(mixer, keep):

@@ -348,13 +348,31 @@ def test_study_v3_configs_are_study2_but_the_mixer_and_match_in_size() -> None:
     sizes = [model_size(cfg).total for cfg in cfgs.values()]
     assert max(sizes) / min(sizes) - 1 < 0.012, sizes
     involution, inv = cfgs["study3-involution"].model, cfgs["study3-inv-xcorr"].model
-    assert involution.mixer.kernel == [3, 7, 15, 31] and involution.positions == "learned"
+    assert involution.mixer.kernel == [3, 7, 15, 31] and involution.positions == "none"
     assert inv.mixer.kind == "inv_xcorr" and inv.positions == "rope"
     rest = []
     for cfg in cfgs.values():
         d = cfg.to_dict()
         for section, key in [("model", "mixer"), ("model", "positions"), ("run", "dir")]:
             d[section].pop(key)
-        d["model"]["ffn"].pop("hidden_mult")  # involution's 4.7 makes up for q and k
+        d["model"]["ffn"].pop("hidden_mult")  # involution's 4.8 makes up for q and k
         rest.append(d)
     assert all(d == rest[0] for d in rest)
+
+
+@pytest.mark.parametrize("kind", ["involution", "inv_xcorr"])
+def test_weight_decay_takes_the_generators_and_spares_the_static_filters(kind) -> None:
+    from leviathan.parallel.optim import param_groups
+
+    raw = {"model": {"vocab_size": 40, "block_size": 16, "n_head": 2, "d_model": 16}}
+    raw["model"]["mixer"], raw["train"] = {"kind": kind}, {"seq_len": 16}
+    model = Leviathan(config_from_dict(raw).model)
+    decay, spare = param_groups(model, 0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    decayed = {names[id(p)].split(".", 2)[-1] for p in decay["params"]}
+    spared = {names[id(p)].split(".", 2)[-1] for p in spare["params"]}
+    assert {"mixer.generator.w0", "mixer.generator.w1", "mixer.qkv.weight"} <= decayed
+    static = {"mixer.bias"} if kind == "involution" else {"mixer.f", "mixer.g"}
+    assert static | {"norm1.weight", "tok_emb.weight"} <= spared | {"tok_emb.weight"}
+    assert not static & decayed
+    assert decay["weight_decay"] == 0.1 and spare["weight_decay"] == 0.0

@@ -63,6 +63,29 @@ def test_rope_rmsnorm_models_are_causal_and_paths_agree(mixer, reference):
     torch.testing.assert_close(fast, other, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("mixer", sorted(MIXER_OPTIONS))
+def test_positions_none_adds_no_parameter_and_stays_causal(mixer):
+    learned, none = tiny_model(mixer), tiny_model(mixer, positions="none")
+    assert none.pos_emb is None
+    assert learned.num_params() - none.num_params() == 24 * 16  # the block_size x C table
+    assert_causal(none, reference=False)
+
+
+def test_involution_without_positions_sees_offsets_only():
+    """Kernels 3 and 5 reach 2 + 4 tokens back: with no position table, a token's logits
+    depend on its last 7 tokens wherever they stand in the sequence."""
+    model = tiny_model("involution", positions="none")
+    x = torch.randint(0, 61, (2, 12))
+    shifted = torch.cat([torch.randint(0, 61, (2, 5)), x], dim=1)
+    alone, _ = model(x)
+    later, _ = model(shifted)
+    torch.testing.assert_close(later[:, 5 + 6 :], alone[:, 6:], rtol=1e-5, atol=1e-5)
+    learned = tiny_model("involution")
+    alone, _ = learned(x)
+    later, _ = learned(shifted)
+    assert not torch.allclose(later[:, 5 + 6 :], alone[:, 6:], atol=1e-3)
+
+
 def assert_causal(model: Leviathan, reference: bool) -> None:
     model.set_reference(reference)
     idx = torch.randint(0, 61, (2, 20))

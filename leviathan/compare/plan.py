@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from leviathan.config import Config, differences, load_config
+from leviathan.config import Config, config_from_dict, differences, load_config
 from leviathan.data import recorded_inputs
 from leviathan.errors import LeviathanError
 from leviathan.train.checkpoint import latest_checkpoint
@@ -108,12 +108,31 @@ class RunSpec:
     def marker(self, budget: Budget) -> dict[str, Any]:
         """What `compare.json` records: the budget and the config, less the keys that do
         not change what is trained (MARKER_IGNORES)."""
-        config = self.cfg.to_dict()
-        for section, keys in MARKER_IGNORES.items():
-            for key in keys:
-                config[section].pop(key)
+        config = marked_config(self.cfg)
         config["data"]["inputs"] = recorded_inputs(self.cfg.data)  # not given: the dataset's
         return json.loads(json.dumps({"budget": str(budget), "config": config}))
+
+
+def marked_config(cfg: Config) -> dict[str, Any]:
+    """A config as `compare.json` holds it: every key but MARKER_IGNORES."""
+    config = cfg.to_dict()
+    for section, keys in MARKER_IGNORES.items():
+        for key in keys:
+            config[section].pop(key)
+    return config
+
+
+def as_read_now(recorded: dict[str, Any]) -> dict[str, Any]:
+    """A marker as this version reads it: keys added since it was written take their
+    defaults and moved keys their new place, so a finished run stays reusable when the
+    config schema grows (study v2's runs predate `parallel.ep_size`). A marker this version
+    cannot read is returned as it is, and so differs."""
+    try:
+        config = marked_config(config_from_dict(json.loads(json.dumps(recorded["config"]))))
+        config["data"]["inputs"] = recorded["config"]["data"]["inputs"]
+    except (LeviathanError, KeyError, TypeError, ValueError):
+        return recorded
+    return json.loads(json.dumps({**recorded, "config": config}))
 
 
 def plan(
@@ -180,6 +199,7 @@ def run_state(spec: RunSpec, budget: Budget) -> Literal["done", "resume", "new"]
             "away or choose another --out"
         ) from None
     expected = spec.marker(budget)
+    recorded = as_read_now(recorded)
     if recorded != expected:
         what = (
             f"budget {recorded.get('budget')}, not {budget}"

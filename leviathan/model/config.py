@@ -19,7 +19,8 @@ class ModelConfig:
     d_model: int = 256
     dropout: float = 0.0
     bias: bool = False
-    positions: Literal["learned", "rope"] = "learned"  # rope: rotary, applied in the mixers
+    # rope: rotary, applied in the mixers; none: no position source but the mixer's own lags
+    positions: Literal["learned", "rope", "none"] = "learned"
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     mixer: Any = field(default_factory=DotOptions)  # the options dataclass of MIXERS[kind]
     ffn: Any = field(default_factory=DenseOptions)  # the options dataclass of FFNS[kind]

@@ -6,8 +6,10 @@ docs/design.md (Mixers) defines, and token_xcorr at its delta kernel is the `dot
 (bit for bit at rank 1). `model.positions: rope` rotates q and k in each mixer instead
 (`leviathan.model.rope`; token_xcorr rotates before its lag filter, so its scores stay
 relative); channel_xcorr refuses it, since its circulant would mix channels of different
-rotation frequencies. `model.norm: rmsnorm` swaps every LayerNorm for RMSNorm: with
-`swiglu` FFNs, the "Transformer++" of the Mamba and Hyena papers.
+rotation frequencies. `model.positions: none` adds no position at all: for mixers whose
+causal lags already see relative order (involution, dconv), or NoPE experiments.
+`model.norm: rmsnorm` swaps every LayerNorm for RMSNorm: with `swiglu` FFNs, the
+"Transformer++" of the Mamba and Hyena papers.
 
 Generation is cached (`generate`, `forward(idx, cache=...)`, `leviathan.model.cache`):
 the prompt runs once, then each new token is one position's work against the cached keys.
@@ -80,7 +82,7 @@ class Leviathan(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (from the tokenizer) to build")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        # rope: the mixers rotate q and k, the residual stream carries no position
+        # rope: the mixers rotate q and k; rope and none: the residual stream has no position
         self.pos_emb = (
             nn.Embedding(cfg.block_size, cfg.d_model) if cfg.positions == "learned" else None
         )

@@ -3,14 +3,19 @@
 import torch
 from torch import nn
 
+from leviathan.model.mixers import Generator
+
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay the weights of Linear layers; spare norms, biases, embeddings and lag kernels.
+    """Decay the weights of Linear layers and of the filter generators (matrices too:
+    decay pulls a generated filter towards the static one, as fairseq's dynamic
+    convolutions decay theirs); spare norms, biases, embeddings and lag kernels.
 
     The tied output head is the token embedding, so it is spared too: decaying an
     embedding shrinks rare tokens towards zero for no regularising benefit.
     """
     decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay |= {id(p) for m in model.modules() if isinstance(m, Generator) for p in (m.w0, m.w1)}
     decay -= {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     params = [p for p in model.parameters() if p.requires_grad]
     return [

@@ -34,9 +34,10 @@ from torch import nn
 COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
-# measured (benchmarks/train_step.py, README "Compiled training"): on CPU compiling pays
-# for the correlation mixers only; dot's eager step is already as fast
-CPU_GAINS = frozenset({"token_xcorr", "channel_xcorr"})
+# measured (benchmarks/train_step.py, docs/benchmarks.md): on CPU compiling pays for the
+# correlation and involution mixers only (a study-v3 step at one thread: involution 0.57x,
+# inv_xcorr 0.91x, token_xcorr 0.93x of eager); dot's eager step is already as fast
+CPU_GAINS = frozenset({"token_xcorr", "channel_xcorr", "involution", "inv_xcorr"})
 # a cold compile takes ~30 s on CPU and saves ~1/4 of a tiny step: below about 200 tiny
 # steps of training FLOPs (~2.5 min eager on one core) it does not pay back
 CPU_MIN_RUN_FLOPS = 1e13
