@@ -48,7 +48,12 @@ CASES: list[tuple[str, str, dict]] = [
     ("token W=4 r=1", "token_xcorr", {"window": 4, "rank": 1}),
     ("token W=4 r=4", "token_xcorr", {"window": 4, "rank": 4}),
     ("channel L=2", "channel_xcorr", {"lags": 2}),
+    ("involution K=7", "involution", {"kernel": 7}),
+    ("involution K=31", "involution", {"kernel": 31}),
+    ("inv_xcorr W=4 r=1", "inv_xcorr", {"window": 4, "rank": 1}),
 ]
+GROUP_WIDTH = 16  # involution's channels per group: G = C/16, the mixer's default
+DTYPES = ("float32", "bfloat16", "float16")
 SKIPPED_TT = "skipped (T x T too large)"
 PATHS = ["fast", "compiled", "reference"]  # eager fast path, the same compiled, materialised
 PlanRow = tuple[str, str, dict, str]  # (case name, kind, options, path): one row at each T
@@ -57,62 +62,67 @@ PlanRow = tuple[str, str, dict, str]  # (case name, kind, options, path): one ro
 # --- worker: one case, one sequence length, in its own process -----------------------
 
 
-def _make_step(spec: dict, T: int):
-    """A closure running one forward (+ backward) of the case at length T."""
+def _case_forward(spec: dict, T: int, randn):
+    """The case's forward at length T as a closure, and the leaves its backward reaches.
+    Every kind starts from its mixing inputs (q, k, v, the lag filters): the per-token
+    projections in front (dot's q and k, involution's generator) are not timed."""
     import numpy as np
     import scipy.signal
     import torch
 
     from leviathan.model import correlation as xc
+    from leviathan.model import involution as inv
 
     B, H, d = spec["batch"], spec["heads"], spec["head_dim"]
-    gen = torch.Generator().manual_seed(0)
-    dev = torch.device(spec["device"])
-
-    def randn(*shape: int, std: float = 1.0):
-        return (std * torch.randn(*shape, generator=gen)).to(dev).requires_grad_()
-
-    q, k, v = (randn(B, H, T, d) for _ in range(3))
-    leaves = [q, k, v]
     kind, opts, reference = spec["kind"], spec["options"], spec["path"] == "reference"
+    if kind == "involution":  # v in C/16 groups of 16 channels, one filter per group
+        G = H * d // GROUP_WIDTH
+        v, h = randn(B, G, T, GROUP_WIDTH), randn(B, G, T, opts["kernel"], std=0.5)
+        return (lambda: inv.involution(v, h, reference=reference)), [v, h]
+    q, k, v = (randn(B, H, T, d) for _ in range(3))
     if kind == "dot":
-
-        def forward():
-            return xc.dot_attention(q, k, v, reference=reference)
-
-    elif kind == "token_xcorr":
+        return (lambda: xc.dot_attention(q, k, v, reference=reference)), [q, k, v]
+    if kind in ("token_xcorr", "inv_xcorr"):
         r, W = opts["rank"], opts["window"]
-        f, g = randn(H, r, W, std=0.5), randn(H, r, W, std=0.5)
-        leaves += [f, g]
-
-        def forward():
-            return xc.token_xcorr_attention(q, k, v, f, g, reference=reference)
-
-    elif kind == "channel_xcorr":
+        shape = (H, r, W) if kind == "token_xcorr" else (B, H, T, r, W)
+        f, g = randn(*shape, std=0.5), randn(*shape, std=0.5)
+        attend = xc.token_xcorr_attention if kind == "token_xcorr" else inv.inv_xcorr_attention
+        extra = {} if kind == "token_xcorr" else {"dropout_p": 0.0}
+        return (lambda: attend(q, k, v, f, g, reference=reference, **extra)), [q, k, v, f, g]
+    if kind == "channel_xcorr":
         alpha = randn(H, 2 * opts["lags"] + 1, std=0.5)
-        leaves.append(alpha)
+        forward = lambda: xc.channel_xcorr_attention(q, k, v, alpha, reference=reference)  # noqa: E731
+        return forward, [q, k, v, alpha]
+    if kind == "scipy_detached":
 
         def forward():
-            return xc.channel_xcorr_attention(q, k, v, alpha, reference=reference)
-
-    elif kind == "scipy_detached":
-
-        def forward():
-            qn, kn = q.detach().numpy(), k.detach().numpy()
+            qn, kn = q.detach().float().numpy(), k.detach().float().numpy()
             corr = scipy.signal.correlate(qn, kn, mode="same")  # all axes at once
             scores = torch.from_numpy(np.ascontiguousarray(corr)) * d**-0.5
-            return torch.softmax(scores, dim=-1) * v  # no mask
+            return torch.softmax(scores, dim=-1) * v.detach().float()  # no mask
 
-    else:
-        raise ValueError(kind)
+        return forward, []
+    raise ValueError(kind)
 
+
+def _make_step(spec: dict, T: int):
+    """A closure running one forward (+ backward) of the case at length T."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    dev, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+
+    def randn(*shape: int, std: float = 1.0):
+        return (std * torch.randn(*shape, generator=gen)).to(dev, dtype).requires_grad_()
+
+    forward, leaves = _case_forward(spec, T, randn)
     if spec["path"] == "compiled":
         forward = torch.compile(forward, dynamic=False)
 
     def step() -> None:
         for t in leaves:
             t.grad = None
-        if kind == "scipy_detached":
+        if spec["kind"] == "scipy_detached":
             with torch.no_grad():
                 forward()
         else:
@@ -194,6 +204,7 @@ def parse_args() -> argparse.Namespace:
         help="skip the materialised paths above this T (they hold several B*H*T*T tensors)",
     )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
     parser.add_argument("--cases", nargs="+", choices=[c[0] for c in CASES], default=None)
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=PATHS)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
@@ -204,7 +215,8 @@ def parse_args() -> argparse.Namespace:
 def base_spec(args: argparse.Namespace) -> dict:
     """The worker settings every row shares (and the JSON's settings start with)."""
     base = {"batch": args.batch, "heads": args.heads, "head_dim": args.head_dim}
-    return base | {"threads": args.threads, "repeats": args.repeats, "device": args.device}
+    run = {"threads": args.threads, "repeats": args.repeats, "device": args.device}
+    return base | run | {"dtype": args.dtype}
 
 
 def build_plan(args: argparse.Namespace) -> list[PlanRow]:
@@ -255,6 +267,21 @@ def measure_all(args: argparse.Namespace, base: dict, plan: list[PlanRow]) -> li
     return rows
 
 
+def crossovers(rows: list[dict]) -> dict[str, int | None]:
+    """Per case and path: the shortest T from which on it is faster than dot at every
+    longer T measured (None: not within the lengths measured)."""
+    found: dict[str, int | None] = {}
+    for key in dict.fromkeys(f"{r['case']} ({r['path']})" for r in rows if r["kind"] != "dot"):
+        timed = sorted(
+            (r["seq_len"], r["time_vs_dot"])
+            for r in rows
+            if f"{r['case']} ({r['path']})" == key and "time_vs_dot" in r
+        )
+        faster = [T for T, _ in timed if all(x < 1 for t, x in timed if t >= T)]
+        found[key] = faster[0] if faster else None
+    return found
+
+
 def describe_settings(args: argparse.Namespace, base: dict) -> dict:
     """The JSON's settings: what was run and how each figure was measured, so a result
     file can be read without this source."""
@@ -265,7 +292,6 @@ def describe_settings(args: argparse.Namespace, base: dict) -> dict:
         "seq_lens": args.seq_lens,
         "threads_used": args.threads or torch.get_num_threads(),
         "torch": torch.__version__,
-        "dtype": "float32",
         "time": "median wall time of forward + backward (loss = out.sum()) after two warm-ups",
         "memory": "peak RSS growth of a fresh process during one forward + backward, inputs "
         "excluded (VmHWM reset via /proc/self/clear_refs, minus VmRSS before), with "
@@ -283,7 +309,7 @@ def describe_settings(args: argparse.Namespace, base: dict) -> dict:
 def print_notes(args: argparse.Namespace, settings: dict) -> None:
     """The legend under the table: the shapes, and what the columns measure."""
     print(
-        f"\nB={args.batch} H={args.heads} d={args.head_dim} float32, "
+        f"\nB={args.batch} H={args.heads} d={args.head_dim} {args.dtype}, "
         f"{settings['threads_used']} threads; x dot: median and peak against dot at the same T "
         "(compiled rows: against compiled dot); min ms: the fastest repeat (less exposed to "
         "other load on the machine).\n"
@@ -302,7 +328,11 @@ def main() -> None:
     rows = measure_all(args, base, build_plan(args))
     settings = describe_settings(args, base)
     print_notes(args, settings)
-    write_json(args.out, {"settings": settings, "results": rows})
+    faster_from = crossovers(rows)
+    print("Faster than dot from T =", ", ".join(f"{k}: {v}" for k, v in faster_from.items()))
+    write_json(
+        args.out, {"settings": settings, "results": rows, "faster_than_dot_from": faster_from}
+    )
 
 
 TABLE = Table(

@@ -5,8 +5,8 @@
 #     ZeRO-2 bf16 (expert_matmul auto: grouped GEMM where CUDA fuses it); fp16 at ZeRO-2;
 #     the plain engine with torch.compile (bf16);
 #   - `leviathan export` and `leviathan sample` of the ZeRO-3 run;
-#   - the attention benchmark and the MoE layer benchmark (ours, DeepSpeed's on the CUDA
-#     accelerator, dense; bf16).
+#   - the attention benchmark (dot, token_xcorr, involution, inv_xcorr) and the MoE layer
+#     benchmark (ours, DeepSpeed's on the CUDA accelerator, dense); bf16.
 # Each part leaves $OUT/parts/NAME.json ({"part", "ok", "exit", "seconds", "limit"}); the
 # benchmarks their tables as JSON, the runs their summary.json beside it; $OUT/summary.json
 # lists them all. The last lines are one PASS/FAIL line per part; the exit status is the
@@ -62,7 +62,7 @@ PYEOF
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 
 DS=(parallel.engine=deepspeed)
-train_part zero3_bf16 150 "${DS[@]}" parallel.zero_stage=3 train.precision=bf16
+train_part zero3_bf16 130 "${DS[@]}" parallel.zero_stage=3 train.precision=bf16
 train_part channel_moe_zero2_bf16 70 "${DS[@]}" parallel.zero_stage=2 train.precision=bf16 \
     "model.mixer={kind: channel_xcorr, lags: 2}"
 train_part fp16_zero2 70 "${DS[@]}" parallel.zero_stage=2 train.precision=fp16
@@ -71,9 +71,10 @@ part export 30 "$PY" -m leviathan.cli export --run "$RUNS/zero3_bf16" \
     --out "$OUT/zero3_bf16.safetensors"
 part sample 30 bash -c '"$1" -m leviathan.cli sample --run "$2" --max-new-tokens 64 >"$3"' \
     _ "$PY" "$RUNS/zero3_bf16" "$OUT/sample.txt"
-part attention 80 "$PY" -m benchmarks.attention --device cuda --seq-lens 512 2048 \
-    --paths fast compiled --cases "token W=4 r=1" "token W=2 r=2" --repeats 10 \
-    --out "$OUT/attention.json"
+# bf16 (flash attention runs); token_xcorr and the generated-filter kinds against dot
+part attention 100 "$PY" -m benchmarks.attention --device cuda --dtype bfloat16 \
+    --seq-lens 2048 8192 --paths fast --repeats 10 \
+    --cases "token W=4 r=1" "involution K=31" "inv_xcorr W=4 r=1" --out "$OUT/attention.json"
 # DeepSpeed's MoE on the CUDA accelerator: the benchmark defaults DS_ACCELERATOR to cpu
 part moe 60 env DS_ACCELERATOR=cuda "$PY" -m benchmarks.moe_layer --device cuda \
     --dtype bfloat16 --tokens 4096 16384 --repeats 10 --out "$OUT/moe.json"

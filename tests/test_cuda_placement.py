@@ -1,14 +1,19 @@
-"""CUDA placement on a CPU-only build: what ZeRO-3's `zero.Init` does to device defaults.
+"""CUDA placement on a CPU-only build.
 
-zero.Init gives every tensor factory called without `device=` the rank's GPU. Here the
-second device is `meta` (tests/placement.py): a model built under those factories and
-materialised on the CPU keeps, on `meta`, whatever it made without naming a device, and
-the first op that meets it with a CPU tensor raises. Each check has a self-test that a
-planted `torch.arange(T)` without a device is caught.
+What ZeRO-3's `zero.Init` does to device defaults: it gives every tensor factory called
+without `device=` the rank's GPU. Here the second device is `meta` (tests/placement.py): a
+module built under those factories and materialised on the CPU keeps, on `meta`, whatever
+it made without naming a device, and the first op that meets it with a CPU tensor raises.
+
+Every mixer on CUDA: the model runs as fake CUDA tensors (tests/fake_cuda.py), where a
+tensor made without naming a device is a CPU tensor that raises where it meets the model's.
+
+Each check has a self-test that a planted `torch.arange(T)` without a device is caught.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -16,8 +21,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_cuda import GuardFreeBindings, cuda_autocast, fake_cuda, materialise
 from placement import MixedDevices, single_device, zero_init_factories
 from test_moe_model import moe_model
+from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
 
 from leviathan.config import config_from_dict
 from leviathan.model import MIXERS, Leviathan
@@ -112,25 +119,25 @@ def test_replayed_init_draws_in_fp32_on_the_cpu():
     assert param.dtype == torch.bfloat16 and torch.equal(param.detach(), want)
 
 
-# The fake-CUDA tier, and why it runs on `meta`: FakeTensorMode on this CPU build makes
-# fake CUDA tensors (empty, mm), but the first op whose kernel takes a CUDA device guard
-# (the token embedding) aborts the process ("PyTorch is not linked with support for cuda
-# devices", thrown from getDeviceGuardImpl: not catchable); `to_empty(device="cuda")` of
-# fake tensors fails in swap_tensors, and autocast("cuda") needs torch.cuda shims. So the
-# model lives on `meta` (as `.to("cuda")` would put it on the GPU), its inputs too, and a
-# tensor the forward or the cached generation makes without naming a device meets it on
-# the CPU and raises. Autocast has no meta kernels: bf16 and fp16 here are the weights'
-# dtype. MoE's split sizes need values (`.tolist()`), so the FFN is dense.
+# The fake-CUDA tier (tests/fake_cuda.py): every mixer and position scheme, built on `meta`
+# as `Leviathan(cfg).cuda()` would be on a GPU, materialised as fake CUDA tensors, runs its
+# forward and cached generation in fp32, with fp16 weights and under bf16 autocast: its
+# CUDA branches (SDPA with a narrower V, ...) run, and a tensor made without naming a device
+# is a CPU tensor that raises where it meets the model's. Fake tensors hold no values: MoE's
+# split sizes need them (`.tolist()`), so the FFN is dense, and generation is greedy over
+# whatever argmax returns. No backward (fake_cuda.py, shim 1).
+PRECISIONS = ("fp32", "fp16", "bf16_autocast")
 MIXER_CASES = [
-    (kind, positions, dtype)
+    (kind, positions, precision)
     for kind, mixer in MIXERS.items()
-    for positions in ("learned", "rope")
-    if positions == "learned" or mixer.refuses_rope is None
-    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    for positions in ("learned", "rope", "none")
+    if positions != "rope" or mixer.refuses_rope is None
+    for precision in PRECISIONS
 ]
 
 
 def dense_model_on_meta(kind: str, positions: str, dtype: torch.dtype) -> Leviathan:
+    """A small dense model built on `meta` in `dtype` (cast there: fake_cuda.py)."""
     model = {"vocab_size": 50, "block_size": 16, "n_layer": 2, "n_head": 2, "d_model": 16}
     raw = {"model": {**model, "positions": positions, "mixer": {"kind": kind}}}
     cfg = config_from_dict({**raw, "train": {"seq_len": 16}}).model
@@ -138,20 +145,76 @@ def dense_model_on_meta(kind: str, positions: str, dtype: torch.dtype) -> Leviat
         return Leviathan(cfg).to(dtype)
 
 
-@pytest.mark.parametrize("kind, positions, dtype", MIXER_CASES)
-def test_every_mixer_runs_and_generates_on_the_models_device(kind, positions, dtype):
+def precision(name: str) -> tuple[torch.dtype, contextlib.AbstractContextManager, torch.dtype]:
+    """(weights' dtype, the context the model runs in, the logits' dtype) of a case."""
+    if name == "bf16_autocast":
+        return torch.float32, cuda_autocast(torch.bfloat16), torch.bfloat16
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[name]
+    return dtype, contextlib.nullcontext(), dtype
+
+
+@pytest.mark.parametrize("kind, positions, precision_name", MIXER_CASES)
+def test_every_mixer_runs_forward_on_fake_cuda(kind: str, positions: str, precision_name: str):
+    """The forward on CUDA, in the logits' dtype that precision gives on a GPU."""
+    dtype, context, logits_dtype = precision(precision_name)
     model = dense_model_on_meta(kind, positions, dtype)
-    idx = torch.zeros(2, 8, dtype=torch.long, device="meta")
-    with single_device():
-        logits, _ = model(idx)
-        model.eval()
-        out = model.generate(idx[:, :4], 4, temperature=0.0)
-    assert logits.dtype == dtype and out.shape == (2, 8)
+    with fake_cuda():
+        materialise(model)
+        with context:
+            logits, _ = model(torch.zeros(2, 8, dtype=torch.long, device="cuda"))
+    assert (logits.device.type, logits.dtype, logits.shape) == ("cuda", logits_dtype, (2, 8, 50))
 
 
-def test_the_meta_tier_catches_a_planted_tensor_without_a_device(monkeypatch):
-    model = dense_model_on_meta("dot", "learned", torch.float32)
-    norm = model.norm.forward
-    monkeypatch.setattr(model.norm, "forward", lambda x: norm(x) + torch.arange(x.shape[-1]))
-    with pytest.raises(MixedDevices), single_device():
-        model(torch.zeros(2, 8, dtype=torch.long, device="meta"))
+@pytest.mark.parametrize("kind, positions, precision_name", MIXER_CASES)
+def test_every_mixer_generates_with_its_cache_on_fake_cuda(
+    kind: str, positions: str, precision_name: str
+):
+    """Prefill of 4 positions, then 3 one-token steps against the cache."""
+    dtype, context, _ = precision(precision_name)
+    model = dense_model_on_meta(kind, positions, dtype).eval()
+    with fake_cuda():
+        materialise(model)
+        prompt = torch.zeros(2, 4, dtype=torch.long, device="cuda")
+        with context:
+            out = model.generate(prompt, 4, temperature=0.0, use_cache=True)
+    assert model.can_cache() and (out.device.type, out.shape) == ("cuda", (2, 8))
+
+
+@pytest.mark.parametrize("use", ["forward", "generate"])
+def test_fake_cuda_catches_a_planted_tensor_without_a_device(
+    monkeypatch: pytest.MonkeyPatch, use: str
+):
+    """`torch.arange(C)` without a device, inside the first mixer, is a CPU tensor."""
+    model = dense_model_on_meta("dot", "learned", torch.float32).eval()
+    with fake_cuda():
+        materialise(model)
+        mixer = model.blocks[0].mixer
+        forward = mixer.forward
+        monkeypatch.setattr(
+            mixer, "forward", lambda x, cache=None: forward(x, cache) + torch.arange(x.shape[-1])
+        )
+        idx = torch.zeros(2, 4, dtype=torch.long, device="cuda")
+        with pytest.raises(FakeTensorDeviceMismatchError, match="cuda:0 and cpu"):
+            model(idx) if use == "forward" else model.generate(idx, 2, temperature=0.0)
+
+
+INDEXES = [
+    (Ellipsis, slice(None, 3)),
+    (slice(None), None, 1),
+    (slice(1, None), [0, 2]),
+    (slice(None), -1, slice(None)),
+    (slice(None), slice(None), slice(-2, None, 2)),
+    (torch.tensor([2, 0]),),
+]
+
+
+@pytest.mark.parametrize("index", INDEXES, ids=str)
+def test_the_rerouted_indexing_is_torchs(index: tuple):
+    """fake_cuda.py's guard-free indexing gives what Tensor.__getitem__/__setitem__ give."""
+    x = torch.arange(60.0).view(3, 4, 5)
+    want, got = x.clone(), x.clone()
+    with GuardFreeBindings():
+        view = x[index]
+        got[index] = -view
+    want[index] = -x[index]
+    assert torch.equal(view, x[index]) and torch.equal(got, want)

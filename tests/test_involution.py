@@ -376,3 +376,18 @@ def test_weight_decay_takes_the_generators_and_spares_the_static_filters(kind) -
     assert static | {"norm1.weight", "tok_emb.weight"} <= spared | {"tok_emb.weight"}
     assert not static & decayed
     assert decay["weight_decay"] == 0.1 and spare["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("rank, width, T", [(1, 1, 7), (1, 5, 7), (2, 3, 7), (1, 9, 4)])
+def test_the_lag_sum_backward_is_its_forwards_gradient(rank, width, T) -> None:
+    """The hand-written backward of the generated lag sum (one buffer, not one per lag)
+    against finite differences, with every length of history the cache can hand it."""
+    from leviathan.model.involution import generated_lag_stack
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, T, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(2, 3, T, rank, width, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(generated_lag_stack, (x, w))
+    for past in range(1, width):
+        h = torch.randn(2, 3, past, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+        assert torch.autograd.gradcheck(generated_lag_stack, (x, w, h))
