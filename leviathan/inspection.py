@@ -46,6 +46,7 @@ CHANNEL_PNG = "channel_lags.png"
 TOKEN_LAGS_PNG = "token_lags.png"  # a weight per token lag 0..K-1 (involution's filters)
 DISTANCE_PNG = "attention_distance.png"
 DISTANCE_JSON = "attention_distance.json"
+GENERATED_JSON = "generated_lags.json"  # the generated filters' mean and spread, in numbers
 WINDOWS = 8  # validation windows the attention profile averages over
 
 
@@ -196,8 +197,14 @@ def plot_lag_weights(
 
 def plot_generated(run: Run, other: Run | None, title: str, out: Path, windows: int) -> Path:
     """Generated kernels: the mean over tokens (returned), the spread, and beside them the
-    static lag weights of `other` (a static run) when it has some of the same form."""
+    static lag weights of `other` (a static run) when it has some of the same form; the
+    numbers (mean, spread, this run's static weights; padding as null) as JSON."""
     mean, spread = generated_kernels(run, windows)
+    figures = {"mean": mean, "spread": spread, "static": lag_weights(run)}
+    (out / GENERATED_JSON).write_text(
+        json.dumps({k: np.where(np.isnan(v), None, v).tolist() for k, v in figures.items()}) + "\n",
+        encoding="utf-8",
+    )
     first_lag = run.model.blocks[0].mixer.first_lag
     path = plot_lag_weights(mean, f"{title}, generated, mean", out, "generated_", first_lag)
     plot_lag_weights(spread, f"{title}, generated, spread", out, "generated_spread_", first_lag)

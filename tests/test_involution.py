@@ -333,6 +333,9 @@ def test_inspect_involution_with_a_kernel_per_layer(runs, tmp_path) -> None:
     mean, _ = generated_kernels(load_run(runs["involution"]), windows=2)
     assert mean.shape == (2, 2, 4) and np.all(np.isnan(mean[0, :, 2:]))  # K = 2, then 4
     np.testing.assert_allclose(mean[1].sum(-1), 1.0)  # softmax filters, mean of them
+    saved = json.loads((tmp_path / "generated_lags.json").read_text())
+    np.testing.assert_allclose(np.array(saved["mean"][1]), mean[1])
+    assert saved["mean"][0][0][2:] == [None, None] and len(saved["static"][1][0]) == 4
     profile = np.array(json.loads(found.profiles.read_text())["involution (involution)"])
     assert profile.shape == (2, 16)  # the band of the filters: distances 0..K-1 only
     assert np.all(profile[0, :2] > 0) and np.all(profile[0, 2:] == 0)
