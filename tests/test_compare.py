@@ -14,7 +14,7 @@ from leviathan.cli.compare import seeds_arg
 from leviathan.compare import CompareError, compare, parse_budget
 from leviathan.compare.plan import MARKER, plan
 from leviathan.compare.report import final_point
-from leviathan.compare.results import cumulative_times
+from leviathan.compare.results import PairedDifference, cumulative_times
 from leviathan.config import load_config
 from leviathan.sizing import model_size
 from leviathan.train.trainer import train
@@ -271,11 +271,19 @@ def test_heldout_bpc_and_paired_differences_are_reported(configs, tmp_path):
         assert d["differences"] == pytest.approx(want)
         assert d["mean"] == pytest.approx(sum(want) / 2)
         assert d["std"] == pytest.approx(abs(want[0] - want[1]) / 2**0.5)
+        t = None if d["std"] == 0 else pytest.approx(d["mean"] * 2**0.5 / d["std"])
+        assert d["t"] == t
 
     table = (out / "results.md").read_text()
     assert "| held-out BPC |" in table and "## Paired differences against dot" in table
     assert f"| xcorr | heldout | 2 | {diffs['heldout']['mean']:+.4f} |" in table
     assert Path(saved["data"]["heldout_documents"][0]).stem in table
+
+
+def test_the_paired_t_statistic():
+    d = PairedDifference("x", "dot", "val", [0, 1, 2], [-0.01, -0.02, -0.03])
+    assert (d.mean, d.std, d.t) == pytest.approx((-0.02, 0.01, -0.02 / (0.01 / 3**0.5)))
+    assert PairedDifference("x", "dot", "val", [0], [-0.01]).t is None
 
 
 @pytest.mark.parametrize(

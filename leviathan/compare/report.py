@@ -150,20 +150,22 @@ def paired_table(configs: list[ConfigResult], splits: tuple[Split, ...]) -> list
         "",
         f"## Paired differences against {configs[0].label}",
         "",
-        "| config | split | seeds | mean BPC difference | std | per seed |",
-        "|---|---|---:|---:|---:|---|",
+        "| config | split | seeds | mean BPC difference | std | t | per seed |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for d in rows:
         per_seed = ", ".join(f"{s}: {v:+.4f}" for s, v in zip(d.seeds, d.differences, strict=True))
         lines.append(
             f"| {cell(d.label)} | {d.split} | {len(d.seeds)} | {d.mean:+.4f} | {d.std:.4f} "
-            f"| {per_seed} |"
+            f"| {fmt(d.t, '+.2f')} | {per_seed} |"
         )
     lines += [
         "",
         f"Difference: the config's final BPC minus {configs[0].label}'s at the same seed "
         "(negative: better than the baseline); std: sample standard deviation of the "
-        "per-seed differences (0 for one seed).",
+        "per-seed differences (0 for one seed); t: the paired t statistic, mean / (std / "
+        "sqrt(seeds)), seeds - 1 degrees of freedom (|t| > 4.30 is p < 0.05, two-sided, "
+        "at 3 seeds).",
     ]
     return lines
 

@@ -125,6 +125,13 @@ class PairedDifference:
         """Sample standard deviation of the differences (0 for one seed)."""
         return statistics.stdev(self.differences) if len(self.differences) > 1 else 0.0
 
+    @property
+    def t(self) -> float | None:
+        """The paired t statistic, mean / (std / sqrt(seeds)), with seeds - 1 degrees of
+        freedom (None for one seed, or differences all equal)."""
+        n = len(self.differences)
+        return self.mean / (self.std / n**0.5) if n > 1 and self.std > 0 else None
+
 
 def paired_differences(configs: list[ConfigResult], split: Split) -> list[PairedDifference]:
     """Every config after the first against the first (the baseline), on `split`."""
@@ -160,7 +167,7 @@ class Comparison:
             "data": self.data,
             "configs": [c.to_dict() for c in self.configs],
             "paired_differences": [
-                {**asdict(d), "mean": d.mean, "std": d.std}
+                {**asdict(d), "mean": d.mean, "std": d.std, "t": d.t}
                 for split in ("val", "heldout")
                 for d in paired_differences(self.configs, split)
             ],
