@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint format bench-attention bench-moe bench-scaling bench-prepare bench-train-step bench-trainer-overhead study study-v2 study-v3 clean
+.PHONY: train test lint format bench-attention bench-involution bench-moe bench-scaling bench-prepare bench-train-step bench-trainer-overhead study study-v2 study-v3 clean
 
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -28,6 +28,17 @@ format: $(STAMP)
 
 bench-attention: $(STAMP)
 	$(PY) -m benchmarks.attention
+
+# involution and inv_xcorr against dot (docs/benchmarks.md): eager from T=128 to 8192 (where
+# each overtakes dot), then inv_xcorr compiled at T=512 and 2048; one thread, median of 5
+INVOLUTION_CASES := "involution K=7" "involution K=31" "inv_xcorr W=4 r=1"
+bench-involution: $(STAMP)
+	$(PY) -m benchmarks.attention --threads 1 --repeats 5 --paths fast \
+	  --seq-lens 128 256 512 1024 2048 4096 8192 --cases $(INVOLUTION_CASES) \
+	  --out benchmarks/results/attention_involution.json
+	$(PY) -m benchmarks.attention --threads 1 --repeats 5 --paths compiled \
+	  --seq-lens 512 2048 --cases "inv_xcorr W=4 r=1" \
+	  --out benchmarks/results/attention_inv_xcorr_compiled.json
 
 bench-moe: $(STAMP)
 	$(PY) -m benchmarks.moe_layer --threads 1 --repeats 5 --processes 3
@@ -77,9 +88,11 @@ study-v2: $(STAMP)
 # Study v3 (docs/results.md): involution (attention-free, no positions) and inv_xcorr
 # (generated token_xcorr filters, RoPE) at study v2's small size, data, budget and seeds,
 # against study v2's Transformer++, dconv and token_xcorr runs, reused through the links in
-# docs/study-v3/small/runs (not retrained); then the generated kernels of seed 0 (study
-# v2 kept no checkpoints, so no --against: docs/study-v2/small/inspect-xcorr has its kernels).
+# docs/study-v3/*/runs (not retrained); inv_xcorr beat both token_xcorr and dconv there,
+# so it runs at study v2's medium size too. Then the generated filters of seed 0 (study v2
+# kept no checkpoints, so no --against: docs/study-v2/small/inspect-xcorr has its kernels).
 STUDY3 := $(foreach c,study2-dot study2-dconv study2-xcorr study3-involution study3-inv-xcorr,configs/$(c).yaml)
+STUDY3_MEDIUM := $(foreach c,study2-dot study2-dconv study2-xcorr study3-inv-xcorr,configs/$(c).yaml)
 STUDY3_RUNS := docs/study-v3/small/runs
 study-v3: $(STAMP)
 	for seeds in 1 2 3; do \
@@ -89,6 +102,10 @@ study-v3: $(STAMP)
 	for m in involution inv-xcorr; do \
 	  $(VENV)/bin/leviathan inspect --run $(STUDY3_RUNS)/study3-$$m-s0 \
 	    --out docs/study-v3/small/inspect-$$m || exit 1; \
+	done
+	for seeds in 1 2 3; do \
+	  $(VENV)/bin/leviathan compare $(STUDY3_MEDIUM) $(STUDY2_MEDIUM) train.threads=$(STUDY2_THREADS) \
+	    --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v3/medium || exit 1; \
 	done
 
 clean:

@@ -17,6 +17,7 @@ from leviathan.compare.report import final_point
 from leviathan.compare.results import PairedDifference, cumulative_times
 from leviathan.config import load_config
 from leviathan.sizing import model_size
+from leviathan.train.run_folder import RunLock
 from leviathan.train.trainer import train
 
 QUIET = {"log": lambda *_: None}
@@ -278,6 +279,28 @@ def test_heldout_bpc_and_paired_differences_are_reported(configs, tmp_path):
     assert "| held-out BPC |" in table and "## Paired differences against dot" in table
     assert f"| xcorr | heldout | 2 | {diffs['heldout']['mean']:+.4f} |" in table
     assert Path(saved["data"]["heldout_documents"][0]).stem in table
+
+
+def test_a_run_another_process_is_training_is_left_untouched(configs, tmp_path):
+    """Two comparisons sharing a folder: the run the other holds (its lock) is pending
+    here, and nothing in its folder is written or deleted."""
+    out = tmp_path / "out"
+    budget = parse_budget("steps=2")
+    spec = plan([configs["dot"]], [0], budget, out)[0][0]
+    folder = spec.dir
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").touch()  # the other run's, before its first record
+    marker = json.dumps(spec.marker(budget))
+    (folder / MARKER).write_text(marker)
+    holder = RunLock(folder)  # as the other process's training holds it
+    try:
+        result = compare([configs["dot"]], seeds=1, budget="steps=2", out=out, **QUIET)
+    finally:
+        holder.release()
+    assert [r.status for r in result.configs[0].runs] == ["pending"]
+    assert (folder / "metrics.jsonl").is_file()  # a fresh start here would delete it
+    assert (folder / MARKER).read_text() == marker and not (folder / "error.txt").exists()
+    assert not result.failed
 
 
 def test_the_paired_t_statistic():

@@ -42,7 +42,8 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
         "in OUT/runs/<config stem>-s<seed>, and write OUT/results.md, OUT/results.json and "
         "val BPC plots. The configs must have equal data sections. Finished runs are "
         "reused, interrupted ones resumed; a failed run is reported and the rest go on "
-        "(exit status 1). KEY=VALUE items override every config.",
+        "(exit status 1). Processes can share OUT: a run another process is training is "
+        "left to it (pending). KEY=VALUE items override every config.",
     )
     p.add_argument(
         "items",
@@ -56,7 +57,7 @@ def add_compare_parser(subparsers: argparse._SubParsersAction) -> None:
         type=seeds_arg,
         default=1,
         help="N: seeds 0..N-1 per config (default %(default)s); or seeds and ranges such as 0,2 or "
-        "2-3 (processes that take different seeds can share one comparison's folder)",
+        "2-3",
     )
     p.add_argument(
         "--budget", required=True, help="steps=K, tokens=K or minutes=K (wall clock) per run"

@@ -31,11 +31,11 @@ from leviathan.compare.results import (
 from leviathan.config import Config, resume_config
 from leviathan.data import prepare
 from leviathan.data.shards import HELDOUT
-from leviathan.errors import Interrupted
+from leviathan.errors import Interrupted, RunDirError
 from leviathan.model import FFNS, MIXERS
 from leviathan.sizing import model_size
 from leviathan.train.checkpoint import latest_checkpoint
-from leviathan.train.run_folder import METRICS_FILE
+from leviathan.train.run_folder import METRICS_FILE, RunLock
 
 ERROR_FILE = "error.txt"
 
@@ -44,11 +44,10 @@ def execute(
     spec: RunSpec, budget: Budget, log: Callable[[str], None], *, report_only: bool = False
 ) -> RunResult:
     """Train (or resume, or reuse) one run; an exception makes a failed result, its
-    message and traceback kept in `error.txt` until the run is tried again. With
-    `report_only` an unfinished run is reported as it stands: failed (with its error) or
-    pending."""
-    from leviathan.train.trainer import train
-
+    message and traceback kept in `error.txt` until the run is tried again. A run another
+    process is training (it holds the folder's lock) is left to it, untouched, and
+    reported pending. With `report_only` an unfinished run is reported as it stands:
+    failed (with its error) or pending."""
     state = run_state(spec, budget)
     if state == "done":
         log(f"{spec.name}: finished earlier, reused")
@@ -61,28 +60,15 @@ def execute(
             return collect(spec, "failed", message)
         log(f"{spec.name}: not finished, pending")
         return collect(spec, "pending")
-    spec.dir.mkdir(parents=True, exist_ok=True)
-    error_file.unlink(missing_ok=True)  # this try's error, if any, replaces it
-    (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget), indent=1), encoding="utf-8")
-    cfg = copy.deepcopy(spec.cfg)  # train() fills in model.vocab_size
     try:
-        if state == "resume":
-            step = int(latest_checkpoint(spec.dir / "checkpoints").name.removeprefix("step_"))
-            left = None
-            if budget.seconds is not None:
-                used = cumulative_times([r for r in read_records(spec.dir) if r["step"] <= step])
-                left = budget.seconds - (used[-1] if used else 0.0)
-            log(f"{spec.name}: resuming from step {step}")
-            cfg = resumed_config(spec)
-            if left is not None and left <= 0:
-                train(cfg, resume=True, stop_at=step, log=log)  # time was up: just finish
-            else:
-                train(cfg, resume=True, stop_after_s=left, log=log)
-        else:
-            log(f"{spec.name}: training ({budget})")
-            # this comparison's own run, cut short before its first checkpoint: start over
-            (spec.dir / METRICS_FILE).unlink(missing_ok=True)
-            train(cfg, stop_after_s=budget.seconds, log=log)
+        lock = RunLock(spec.dir)  # before anything in the folder is touched
+    except RunDirError as busy:
+        log(f"{spec.name}: pending, left to the process training it ({busy})")
+        return collect(spec, "pending")
+    try:
+        error_file.unlink(missing_ok=True)  # this try's error, if any, replaces it
+        (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget), indent=1), "utf-8")
+        train_run(spec, budget, state, log)
     except Interrupted:  # Ctrl-C stops the comparison (the run has its checkpoint)
         raise
     except Exception as err:  # a failed run is reported; the others go on
@@ -90,7 +76,34 @@ def execute(
         error_file.write_text(f"{message}\n\n{traceback.format_exc()}", encoding="utf-8")
         log(f"{spec.name}: FAILED: {message}")
         return collect(spec, "failed", message)
+    finally:
+        lock.release()
     return collect(spec, "resumed" if state == "resume" else "trained")
+
+
+def train_run(spec: RunSpec, budget: Budget, state: str, log: Callable[[str], None]) -> None:
+    """Resume the run from its latest checkpoint (a `minutes` run with the time it has
+    left), or train it from the start; the caller holds the folder's lock."""
+    from leviathan.train.trainer import train
+
+    if state == "resume":
+        step = int(latest_checkpoint(spec.dir / "checkpoints").name.removeprefix("step_"))
+        left = None
+        if budget.seconds is not None:
+            used = cumulative_times([r for r in read_records(spec.dir) if r["step"] <= step])
+            left = budget.seconds - (used[-1] if used else 0.0)
+        log(f"{spec.name}: resuming from step {step}")
+        cfg = resumed_config(spec)
+        if left is not None and left <= 0:
+            train(cfg, resume=True, stop_at=step, claimed=True, log=log)  # time was up
+        else:
+            train(cfg, resume=True, stop_after_s=left, claimed=True, log=log)
+        return
+    log(f"{spec.name}: training ({budget})")
+    # this comparison's own run, cut short before its first checkpoint: start over
+    (spec.dir / METRICS_FILE).unlink(missing_ok=True)
+    cfg = copy.deepcopy(spec.cfg)  # train() fills in model.vocab_size
+    train(cfg, stop_after_s=budget.seconds, claimed=True, log=log)
 
 
 def resumed_config(spec: RunSpec) -> Config:
