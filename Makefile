@@ -30,15 +30,16 @@ bench-attention: $(STAMP)
 	$(PY) -m benchmarks.attention
 
 # involution and inv_xcorr against dot (docs/benchmarks.md): eager from T=128 to 8192 (where
-# each overtakes dot), then inv_xcorr compiled at T=512 and 2048; one thread, median of 5
+# each overtakes dot), then compiled (as training runs them) at T=512, 2048 and 8192; one
+# thread, median of 5
 INVOLUTION_CASES := "involution K=7" "involution K=31" "inv_xcorr W=4 r=1"
 bench-involution: $(STAMP)
 	$(PY) -m benchmarks.attention --threads 1 --repeats 5 --paths fast \
 	  --seq-lens 128 256 512 1024 2048 4096 8192 --cases $(INVOLUTION_CASES) \
 	  --out benchmarks/results/attention_involution.json
 	$(PY) -m benchmarks.attention --threads 1 --repeats 5 --paths compiled \
-	  --seq-lens 512 2048 --cases "inv_xcorr W=4 r=1" \
-	  --out benchmarks/results/attention_inv_xcorr_compiled.json
+	  --seq-lens 512 2048 8192 --cases "involution K=31" "inv_xcorr W=4 r=1" \
+	  --out benchmarks/results/attention_involution_compiled.json
 
 bench-moe: $(STAMP)
 	$(PY) -m benchmarks.moe_layer --threads 1 --repeats 5 --processes 3

@@ -147,6 +147,8 @@ def test_auto_rule():
     assert resolve_compile("auto", cpu, "dot", long) is False  # no faster compiled
     assert resolve_compile("auto", cpu, "token_xcorr", short) is False  # does not pay back
     assert resolve_compile("auto", cpu, "token_xcorr", long) is has_cxx_compiler()
+    assert resolve_compile("auto", cpu, "involution", long) is has_cxx_compiler()
+    assert resolve_compile("auto", cpu, "inv_xcorr", long) is False  # measured: no faster
 
 
 @pytest.mark.slow

@@ -35,9 +35,10 @@ COMPILE_OPTIONS: dict[str, Any] = {"dynamic": False}
 
 
 # measured (benchmarks/train_step.py, docs/benchmarks.md): on CPU compiling pays for the
-# correlation and involution mixers only (a study-v3 step at one thread: involution 0.57x,
-# inv_xcorr 0.91x, token_xcorr 0.93x of eager); dot's eager step is already as fast
-CPU_GAINS = frozenset({"token_xcorr", "channel_xcorr", "involution", "inv_xcorr"})
+# correlation mixers and involution (a study-v3 step at one thread, compiled / eager:
+# involution 0.72, token_xcorr 0.96); dot's (1.09) and inv_xcorr's (1.06) eager steps
+# are already as fast
+CPU_GAINS = frozenset({"token_xcorr", "channel_xcorr", "involution"})
 # a cold compile takes ~30 s on CPU and saves ~1/4 of a tiny step: below about 200 tiny
 # steps of training FLOPs (~2.5 min eager on one core) it does not pay back
 CPU_MIN_RUN_FLOPS = 1e13
