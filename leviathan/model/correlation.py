@@ -43,15 +43,20 @@ __all__ = [
 # --- building blocks ---------------------------------------------------------------
 
 
+def with_history(x: Tensor, width: int, history: Tensor | None) -> tuple[Tensor, int]:
+    """x (B, H, T, d) with `history`, the positions before it, in front, and how many
+    there are: filters of `width` lags reach back width - 1, so no more are taken."""
+    past = 0 if history is None else history.shape[2]
+    if past > width - 1:
+        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
+    return (torch.cat([history, x], dim=2) if past else x), past
+
+
 def _lag_views(x: Tensor, width: int, history: Tensor | None) -> list[Tensor]:
     """x (B, H, T, d) delayed by a = 0..width-1 positions: views of one left-padded copy,
     `history` (the h <= width-1 positions before x) or zeros shifted in."""
     T = x.shape[2]
-    past = 0 if history is None else history.shape[2]
-    if past > width - 1:
-        raise ValueError(f"history of {past} positions, the filters reach back {width - 1}")
-    if past:
-        x = torch.cat([history, x], dim=2)
+    x, past = with_history(x, width, history)
     padded = F.pad(x, (0, 0, width - 1 - past, 0))
     return [padded[:, :, width - 1 - a : width - 1 - a + T] for a in range(width)]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from leviathan.model.correlation import _sdpa, causal_softmax_attend
+from leviathan.model.correlation import _sdpa, causal_softmax_attend, with_history
 
 __all__ = ["generated_lag_stack", "banded", "involution", "inv_xcorr_scores", "inv_xcorr_attention"]
 
@@ -25,10 +25,7 @@ def generated_lag_stack(x: Tensor, weights: Tensor, history: Tensor | None = Non
     a filter equal to e_0 returns x bit for bit. history: the positions before x (cache)."""
     B, H, T, d = x.shape
     rank, width = weights.shape[-2:]
-    if history is not None:
-        if history.shape[2] > width - 1:
-            raise ValueError(f"history of {history.shape[2]} positions, filters of {width}")
-        x = torch.cat([history, x], dim=2)
+    x, _ = with_history(x, width, history)
     return _LagSum.apply(x, weights).reshape(B, H, T, rank * d)
 
 
