@@ -315,6 +315,13 @@ def use_grouped_mm(matmul: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torc
     )
 
 
+def normal_weight(*shape: int) -> nn.Parameter:
+    """N(0, 0.02) drawn into the tensor as made: under ZeRO-3's zero.Init, which makes it
+    bf16, the values are the fp32 draw rounded once, as the eager model cast to bf16 has
+    (`torch.randn(...) * 0.02` would round twice)."""
+    return nn.Parameter(nn.init.normal_(torch.empty(*shape), std=0.02))
+
+
 def _in_width(hidden: int, activation: str) -> int:
     if activation not in ("gelu", "swiglu"):
         raise ValueError(f"activation: expected gelu or swiglu, got {activation!r}")
@@ -346,8 +353,8 @@ class Experts(nn.Module):
         self.activation, self.matmul = activation, matmul
         self.n_local, self.first = n_experts, 0  # first: global id of the first local expert
         width = _in_width(hidden, activation)
-        self.w_in = nn.Parameter(torch.randn(n_experts, d_model, width) * 0.02)
-        self.w_out = nn.Parameter(torch.randn(n_experts, hidden, d_model) * 0.02)
+        self.w_in = normal_weight(n_experts, d_model, width)
+        self.w_out = normal_weight(n_experts, hidden, d_model)
         self.b_in = nn.Parameter(torch.zeros(n_experts, width)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(n_experts, d_model)) if bias else None
         self.grad_buffers = GradBuffers()
@@ -430,8 +437,8 @@ class MLP(nn.Module):
         super().__init__()
         self.activation = activation
         width = _in_width(hidden, activation)
-        self.w_in = nn.Parameter(torch.randn(d_model, width) * 0.02)
-        self.w_out = nn.Parameter(torch.randn(hidden, d_model) * 0.02)
+        self.w_in = normal_weight(d_model, width)
+        self.w_out = normal_weight(hidden, d_model)
         self.b_in = nn.Parameter(torch.zeros(width)) if bias else None
         self.b_out = nn.Parameter(torch.zeros(d_model)) if bias else None
 

@@ -51,7 +51,8 @@ class Router(nn.Module):
         self.renormalize, self.jitter = renormalize, jitter
         self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
         nn.init.normal_(self.weight, std=0.02)
-        self.register_buffer("bias", torch.zeros(n_experts, dtype=torch.float32))
+        # .float() after torch.zeros: zero.Init casts what the factories make to bf16
+        self.register_buffer("bias", torch.zeros(n_experts).float())
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route x (T, d). Jitter multiplies the router input by U(1-eps, 1+eps) in training."""

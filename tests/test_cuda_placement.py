@@ -95,8 +95,9 @@ def test_moe_model_trains_checkpointed_and_generates_on_one_device(routing):
 
 
 def test_zero3_build_starts_from_the_eager_values_whatever_zero_init_aims_at():
-    """Defect 3: one gloo rank whose zero.Init aims unnamed tensors at `meta` (a GPU rank's
-    CUDA generator, on a CPU build) still starts from the eager model's values."""
+    """Defect 3: one bf16 gloo rank whose zero.Init aims unnamed tensors at `meta` (a GPU
+    rank's CUDA generator, on a CPU build) still starts from the eager model's values cast
+    to bf16, and keeps the router's balancing bias in fp32 (bf16 rounds its updates away)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT="29563")
     probe = [sys.executable, str(Path(__file__).with_name("zero3_probe.py"))]
     done = subprocess.run(probe, env=env, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,7 @@
-"""One gloo rank builds a ZeRO-3 model whose zero.Init aims tensors made without a device at
-`meta`, standing in for a GPU rank's CUDA generator, and says whether it starts from the
-eager model's values (tests/test_cuda_placement.py runs it: `python tests/zero3_probe.py`)."""
+"""One gloo rank builds a bf16 ZeRO-3 model whose zero.Init aims tensors made without a
+device at `meta`, standing in for a GPU rank's CUDA generator, and says whether it starts
+from the eager model's values and buffer dtypes, cast to bf16 as DeepSpeed casts a model
+(tests/test_cuda_placement.py runs it: `python tests/zero3_probe.py`)."""
 
 import os
 import sys
@@ -30,16 +31,18 @@ deepspeed.init_distributed("gloo")
 ffn = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden_mult": 1.0, "balance": "loss_free"}
 raw = {
     "model": {"vocab_size": 50, "block_size": 16, "n_layer": 2, "n_head": 2, "d_model": 16},
-    "train": {"seq_len": 16},
+    "train": {"seq_len": 16, "precision": "bf16"},
     "parallel": {"engine": "deepspeed", "zero_stage": 3},
 }
 raw["model"]["ffn"] = ffn
 cfg = config_from_dict(raw)
 torch.manual_seed(0)
-eager = Leviathan(cfg.model)
+eager = Leviathan(cfg.model).to(torch.bfloat16)  # as DeepSpeed casts a bf16 model
 torch.manual_seed(0)
 sharded = build_partitioned(cfg, cfg.model, torch.device("cpu"))
-assert all(b.device.type == "cpu" for b in sharded.buffers()), "a buffer is not on the device"
+for (name, want), got in zip(eager.named_buffers(), sharded.buffers(), strict=True):
+    assert got.device.type == "cpu", f"{name} is not on the device"
+    assert got.dtype == want.dtype, f"{name} is {got.dtype}, eager's {want.dtype}"
 with deepspeed.zero.GatheredParameters(list(sharded.parameters())):
     for (name, want), got in zip(eager.named_parameters(), sharded.parameters(), strict=True):
         assert torch.equal(want, got.detach()), f"{name} differs from the eager model's"
