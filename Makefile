@@ -90,23 +90,25 @@ study-v2: $(STAMP)
 # (generated token_xcorr filters, RoPE) at study v2's small size, data, budget and seeds,
 # against study v2's Transformer++, dconv and token_xcorr runs, reused through the links in
 # docs/study-v3/*/runs (not retrained); inv_xcorr beat both token_xcorr and dconv there,
-# so it runs at study v2's medium size too. Then the generated filters of seed 0 (study v2
-# kept no checkpoints, so no --against: docs/study-v2/small/inspect-xcorr has its kernels).
+# so it runs at study v2's medium size too. Then the generated filters of each seed 0 that
+# has its checkpoints here (the tree keeps records, not checkpoints; study v2 kept none, so
+# no --against: docs/study-v2/small/inspect-xcorr has its kernels).
 STUDY3 := $(foreach c,study2-dot study2-dconv study2-xcorr study3-involution study3-inv-xcorr,configs/$(c).yaml)
 STUDY3_MEDIUM := $(foreach c,study2-dot study2-dconv study2-xcorr study3-inv-xcorr,configs/$(c).yaml)
-STUDY3_RUNS := docs/study-v3/small/runs
 study-v3: $(STAMP)
 	for seeds in 1 2 3; do \
 	  $(VENV)/bin/leviathan compare $(STUDY3) train.threads=$(STUDY2_THREADS) \
 	    --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v3/small || exit 1; \
 	done
-	for m in involution inv-xcorr; do \
-	  $(VENV)/bin/leviathan inspect --run $(STUDY3_RUNS)/study3-$$m-s0 \
-	    --out docs/study-v3/small/inspect-$$m || exit 1; \
-	done
 	for seeds in 1 2 3; do \
 	  $(VENV)/bin/leviathan compare $(STUDY3_MEDIUM) $(STUDY2_MEDIUM) train.threads=$(STUDY2_THREADS) \
 	    --seeds $$seeds --budget $(STUDY2_BUDGET) --out docs/study-v3/medium || exit 1; \
+	done
+	for run in small/study3-involution small/study3-inv-xcorr medium/study3-inv-xcorr; do \
+	  size=$${run%%/*}; name=$${run#*/}; dir=docs/study-v3/$$size/runs/$$name-s0; \
+	  if [ -e $$dir/checkpoints/latest ]; then \
+	    $(VENV)/bin/leviathan inspect --run $$dir --out docs/study-v3/$$size/inspect-$${name#study3-} || exit 1; \
+	  else echo "$$dir: reused, no checkpoint here; its committed inspect figures stand"; fi; \
 	done
 
 clean:
