@@ -94,7 +94,7 @@ study-v2: $(STAMP)
 # has its checkpoints here (the tree keeps records, not checkpoints; study v2 kept none, so
 # no --against: docs/study-v2/small/inspect-xcorr has its kernels).
 STUDY3 := $(foreach c,study2-dot study2-dconv study2-xcorr study3-involution study3-inv-xcorr,configs/$(c).yaml)
-STUDY3_MEDIUM := $(foreach c,study2-dot study2-dconv study2-xcorr study3-inv-xcorr,configs/$(c).yaml)
+STUDY3_MEDIUM := $(filter-out configs/study3-involution.yaml,$(STUDY3))
 study-v3: $(STAMP)
 	for seeds in 1 2 3; do \
 	  $(VENV)/bin/leviathan compare $(STUDY3) train.threads=$(STUDY2_THREADS) \

@@ -349,6 +349,19 @@ def test_minutes_budget_stops_on_the_clock(configs, tmp_path):
     assert record["mfu"] == pytest.approx(record["flops_per_s"] / 1e9)
 
 
+def test_a_minutes_run_resumed_after_its_time_is_up_only_finishes(configs, tmp_path):
+    budget = parse_budget("minutes=1e-9")
+    (spec,) = plan([configs["dot"]], [0], budget, tmp_path)[0]
+    spec.dir.mkdir(parents=True)
+    (spec.dir / MARKER).write_text(json.dumps(spec.marker(budget)))
+    train(spec.cfg, stop_at=2, **QUIET)  # killed after its checkpoint, past its minutes
+    (spec.dir / "summary.json").unlink()
+    result = compare([configs["dot"]], seeds=1, budget="minutes=1e-9", out=tmp_path, **QUIET)
+    (run,) = result.configs[0].runs
+    assert (run.status, run.steps) == ("resumed", 2)
+    assert [json.loads(x)["step"] for x in (spec.dir / "metrics.jsonl").open()] == [1, 2]
+
+
 def test_tokens_budget_converts_to_steps(configs, tmp_path):
     # 2 rows x 16 tokens = 32 tokens per step: 100 tokens -> 4 steps
     (spec,) = plan([configs["dot"]], [5], parse_budget("tokens=100"), tmp_path)[0]

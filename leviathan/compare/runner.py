@@ -93,11 +93,9 @@ def train_run(spec: RunSpec, budget: Budget, state: str, log: Callable[[str], No
             used = cumulative_times([r for r in read_records(spec.dir) if r["step"] <= step])
             left = budget.seconds - (used[-1] if used else 0.0)
         log(f"{spec.name}: resuming from step {step}")
-        cfg = resumed_config(spec)
-        if left is not None and left <= 0:
-            train(cfg, resume=True, stop_at=step, claimed=True, log=log)  # time was up
-        else:
-            train(cfg, resume=True, stop_after_s=left, claimed=True, log=log)
+        time_up = left is not None and left <= 0  # then it only finishes at its step
+        stop = {"stop_at": step} if time_up else {"stop_after_s": left}
+        train(resumed_config(spec), resume=True, claimed=True, log=log, **stop)
         return
     log(f"{spec.name}: training ({budget})")
     # this comparison's own run, cut short before its first checkpoint: start over
